@@ -112,7 +112,6 @@ class PairSetError(ValueError):
 class _File:
     path: PurePosixPath  # relative to the set's root, "/"-separated
     display: str  # the name a curator recognises (path inside the folder or zip)
-    size: int  # declared size in bytes
     read: Callable[[], bytes]  # bounded; raises _ReadError with a curator message
 
 
@@ -142,11 +141,13 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / MB:.0f} MB" if n >= MB else f"{n / 1024:.0f} KB"
 
 
+def _ignored_dir(name: str) -> bool:
+    return name.startswith(".") or name.lower() in IGNORED_NAMES or _CACHE_DIR.match(name) is not None
+
+
 def _is_ignored(parts: tuple[str, ...]) -> bool:
-    for p in parts:
-        if p.startswith(".") or p.lower() in IGNORED_NAMES:
-            return True
-    return any(_CACHE_DIR.match(p) for p in parts[:-1])
+    *dirs, name = parts
+    return any(_ignored_dir(d) for d in dirs) or name.startswith(".") or name.lower() in IGNORED_NAMES
 
 
 def _bounded_stream_read(stream, limit: int, budget: _Budget, too_big: str) -> bytes:
@@ -167,7 +168,7 @@ def _folder_files(root: Path, limits: PairSetLimits, budget: _Budget, problems: 
     files: list[_File] = []
     # os.walk does not follow folder links, so a link loop cannot trap us.
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not _ignored_dir(d))
         for fname in sorted(filenames):
             p = Path(dirpath) / fname
             rel = PurePosixPath(p.relative_to(root).as_posix())
@@ -189,7 +190,7 @@ def _folder_files(root: Path, limits: PairSetLimits, budget: _Budget, problems: 
                 except OSError as e:
                     raise _ReadError(f"{rel}: cannot be read ({e.strerror or e})") from e
 
-            files.append(_File(rel, str(rel), p.stat().st_size, read))
+            files.append(_File(rel, str(rel), read))
     return files
 
 
@@ -248,7 +249,7 @@ def _zip_files(
             except Exception as e:  # zipfile/zlib raise many types on damaged data
                 raise _ReadError(f"{info.filename}: damaged inside the zip and cannot be read") from e
 
-        files.append(_File(rel, name, info.file_size, read))
+        files.append(_File(rel, name, read))
     if declared_total > limits.max_total_bytes:
         problems.append(
             f"{zip_name}: unpacks to {_fmt_bytes(declared_total)}, more than the "
@@ -313,7 +314,7 @@ def _match_folders(files: list[_File], src_dir: str, tgt_dir: str, problems: lis
     for f in files:
         top = f.path.parts[0]
         if len(f.path.parts) > 1 and top in side:
-            side[top].append(_File(PurePosixPath(*f.path.parts[1:]), f.display, f.size, f.read))
+            side[top].append(_File(PurePosixPath(*f.path.parts[1:]), f.display, f.read))
         else:
             problems.append(f"{f.display}: outside the {src_dir}/ and {tgt_dir}/ folders; move or remove it")
     images, captions = {}, {}

@@ -202,7 +202,8 @@ def test_every_documented_suffix_convention(tmp_path, src_suffix, tgt_suffix):
     np.testing.assert_array_equal(arr(pair.target), arr(TGT[0]))
 
 
-def test_hidden_and_system_files_are_ignored(tmp_path):
+@pytest.mark.parametrize("container", ["folder", "zip"])
+def test_hidden_and_system_files_are_ignored(tmp_path, container):
     files = folder_layout()
     files.update(
         {
@@ -212,11 +213,14 @@ def test_hidden_and_system_files_are_ignored(tmp_path):
             "target/Thumbs.db": b"junk",
             "source/.hidden.png": b"not even an image",
             "_latent_cache/cat_00.safetensors": b"cache",
+            ".git/objects/ab": b"git object",
         }
     )
-    check_three_pairs(
-        read_pairset(write_zip(tmp_path / "s.zip", files, top="fx")), LAYOUTS["source-target"][1]
-    )
+    if container == "zip":
+        path = write_zip(tmp_path / "s.zip", files, top="fx")
+    else:
+        path = write_tree(tmp_path / "fx", files)
+    check_three_pairs(read_pairset(path), LAYOUTS["source-target"][1])
 
 
 # --- captions -----------------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""The one small interface the trainer, sampler and evaluator use.
+
+A backbone is an instruction image editor: a frozen ``QwenImageTransformer2DModel`` (which carries
+every named PEFT adapter: teachers, ``student``, ``fake``), a text encoder, and an image codec (a VAE
+for Qwen-Image-Edit, patchified pixels for the tiny model). Images cross the interface as float
+tensors (B, 3, H, W) in [-1, 1]; latents are (B, C, h, w).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..flow import ScheduleConfig
+from ..images import resize
+
+
+@dataclass
+class Condition:
+    """Encoded instruction (+ source image where the text encoder sees it) and the source latents."""
+
+    embeds: torch.Tensor  # (B, L, D)
+    mask: torch.Tensor  # (B, L), 1 for real tokens
+    source_latents: torch.Tensor  # (B, C, h, w)
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def select(self, idx: torch.Tensor | slice) -> Condition:
+        return Condition(self.embeds[idx], self.mask[idx], self.source_latents[idx])
+
+    def repeat(self, n: int) -> Condition:
+        return Condition(
+            self.embeds.repeat_interleave(n, 0),
+            self.mask.repeat_interleave(n, 0),
+            self.source_latents.repeat_interleave(n, 0),
+        )
+
+    def detach(self) -> Condition:
+        return Condition(self.embeds.detach(), self.mask.detach(), self.source_latents.detach())
+
+    @staticmethod
+    def cat(conds: list[Condition]) -> Condition:
+        """Concatenate along the batch, padding the text to the longest."""
+        length = max(c.embeds.shape[1] for c in conds)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            extra = length - t.shape[1]
+            return t if extra == 0 else torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)
+
+        return Condition(
+            torch.cat([pad(c.embeds) for c in conds]),
+            torch.cat([pad(c.mask) for c in conds]),
+            torch.cat([c.source_latents for c in conds]),
+        )
+
+
+class Backbone(ABC):
+    """An instruction editor with named LoRA adapters on one frozen transformer."""
+
+    name: str
+    transformer: torch.nn.Module  # a diffusers QwenImageTransformer2DModel (PEFT adapters live here)
+    schedule: ScheduleConfig
+    image_size: int  # default working resolution (square side, pixels)
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype: ...
+
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> latents (B, C, h, w)."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [-1, 1]."""
+
+    @abstractmethod
+    def encode_prompt(self, prompts: list[str], source_images: torch.Tensor) -> Condition:
+        """Instructions with their source images -> a Condition (one row per prompt)."""
+
+    @abstractmethod
+    def predict_velocity(self, x_s: torch.Tensor, s: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """Velocity of the currently active adapters at noise level ``s`` (B,), latents in and out."""
+
+    @abstractmethod
+    def image_seq_len(self, latents_shape: tuple[int, ...]) -> int:
+        """Number of target-image tokens, which sets the dynamic schedule shift."""
+
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize images to the working resolution (square)."""
+        return resize(images, self.image_size)

@@ -64,6 +64,7 @@ class Backbone(ABC):
     transformer: torch.nn.Module  # a diffusers QwenImageTransformer2DModel (PEFT adapters live here)
     schedule: ScheduleConfig
     image_size: int  # default working resolution (square side, pixels)
+    negative_prompt: str = " "  # the unconditional prompt of true CFG (the Qwen pipelines use " ")
 
     @property
     @abstractmethod

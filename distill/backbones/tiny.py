@@ -92,6 +92,7 @@ def unpack(tokens: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
 
 class TinyEditor(Backbone):
     name = "tiny"
+    negative_prompt = ""  # pretraining drops instructions to "" (see pretrain_tiny.py)
 
     def __init__(
         self,

@@ -163,12 +163,19 @@ def detect_frame(src: np.ndarray, tgt: np.ndarray) -> tuple[int, np.ndarray] | N
 
 
 def background_mask(img: np.ndarray) -> np.ndarray:
-    """Pixels close to the colour of the image border: a rough background for simple scenes."""
+    """Pixels that a smooth background (a quadratic surface fitted to the border, so gradients and
+    plain backdrops both fit) explains: a rough background for simple scenes."""
     h, w = img.shape[:2]
-    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-    ref = np.median(border, axis=0)
-    spread = max(0.08, 2.5 * float(np.median(np.abs(border - ref).max(axis=-1))))
-    return np.abs(img - ref).max(axis=-1) <= spread
+    yy, xx = np.mgrid[0:h, 0:w]
+    y, x = yy.ravel() / max(h - 1, 1), xx.ravel() / max(w - 1, 1)
+    basis = np.stack([np.ones_like(x), x, y, x * x, y * y, x * y], axis=1)
+    dist = np.minimum(np.minimum(yy, h - 1 - yy), np.minimum(xx, w - 1 - xx)).ravel()
+    border = dist < 2
+    pixels = img.reshape(-1, 3)
+    coef, *_ = np.linalg.lstsq(basis[border], pixels[border], rcond=None)
+    residual = np.abs(pixels - basis @ coef).max(axis=-1)
+    spread = max(0.08, 3 * float(np.median(residual[border])))
+    return (residual <= spread).reshape(h, w)
 
 
 def subject_mask(src: np.ndarray) -> np.ndarray:
@@ -270,7 +277,11 @@ def analyse_pair(source: Image.Image, target: Image.Image) -> PairFindings:
     else:
         subject = subject_mask(aligned)
         changed = np.abs(tgt - aligned).max(axis=-1) > CHANGED
-        if changed[subject].mean() < 0.15 and changed[~subject].mean() > 0.5:
+        if (
+            changed[subject].mean() < 0.15
+            and changed[~subject].mean() > 0.5
+            and not _global_colour_map(aligned, tgt, subject)
+        ):
             new_bg = tgt[~subject & changed]
             uniform = float(np.abs(new_bg - np.median(new_bg, axis=0)).max(axis=-1).mean()) < 0.08
             out["background"] = colour_name(np.median(new_bg, axis=0)) if uniform else None
@@ -283,6 +294,16 @@ def analyse_pair(source: Image.Image, target: Image.Image) -> PairFindings:
             out = {k: v for k, v in out.items() if k in ("geometry", "grayscale")}
         out.update(detail)
     return PairFindings(out)
+
+
+def _global_colour_map(src: np.ndarray, tgt: np.ndarray, subject: np.ndarray) -> bool:
+    """Whether one colour mapping (affine in RGB), fitted on the background, also predicts the
+    subject: then a global colour change merely left a neutral subject alone, nothing was replaced."""
+    bg_s, bg_t = src[~subject], tgt[~subject]
+    design = np.concatenate([bg_s, np.ones((len(bg_s), 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(design, bg_t, rcond=None)
+    fg_s = np.concatenate([src[subject], np.ones((int(subject.sum()), 1))], axis=1)
+    return float(np.abs(fg_s @ coef - tgt[subject]).mean()) < 0.06
 
 
 def tone_fit(ls: np.ndarray, lt: np.ndarray) -> tuple[float, float]:
@@ -537,14 +558,14 @@ def describe_instruction(image: Image.Image, seed: int | None = None) -> str:
     looks off (dark, flat, dull), otherwise a general edit picked by ``seed`` (or the image itself)."""
     x = to_array(image)
     lum, c = luminance(x), chroma(x)
+    if c.mean() < GRAY_CHROMA:
+        return "Colorize the black and white image with natural colors."
     if lum.mean() < 0.3:
         return "Brighten the image while keeping the subject unchanged."
     if lum.mean() > 0.8:
         return "Darken the image slightly to recover detail in the bright areas."
     if lum.std() < 0.08:
         return "Increase the contrast of the image while keeping the subject unchanged."
-    if c.mean() < GRAY_CHROMA:
-        return "Colorize the black and white image with natural colors."
     warm = float((x[..., 0] - x[..., 2]).mean()) > 0.05
     options = [
         "Convert the image to black and white.",

@@ -1,0 +1,78 @@
+"""The studio page: one Gradio Blocks built from a registry of tabs, and how it is served.
+
+Each tab is a module under ``studio/ui/`` with ``build(studio, app)``, called inside its
+``gr.Tab``. To add a tab, write the module and add ``(title, builder)`` to ``TABS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import gradio as gr
+from starlette.middleware import Middleware
+
+from ..config import StudioConfig
+from ..context import Studio
+from . import effects_tab
+from .access import Access, AccessError, TokenCookieMiddleware, is_loopback, token_dependency
+
+log = logging.getLogger(__name__)
+
+TabBuilder = Callable[[Studio, gr.Blocks], None]
+
+TABS: list[tuple[str, TabBuilder]] = [
+    ("Effects", effects_tab.build),
+]
+
+TITLE = "CollectionLoRA Studio"
+MAX_UPLOAD = "600mb"  # a little above the pair-set zip limit, so the importer gives the message
+CSS = """
+#effects-error textarea { color: var(--error-text-color, #b91c1c); font-family: var(--font-mono); }
+"""
+
+
+def build_app(studio: Studio, tabs: list[tuple[str, TabBuilder]] | None = None) -> gr.Blocks:
+    """The whole studio page over `studio` (tabs default to ``TABS``)."""
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+        gr.Markdown(
+            f"# {TITLE}\nOne LoRA for all your effects. Data: `{studio.config.data_dir}` · "
+            f"backbone: `{studio.config.backbone}`"
+        )
+        with gr.Tabs():
+            for title, builder in tabs or TABS:
+                with gr.Tab(title, id=title.lower()):
+                    builder(studio, app)
+    return app
+
+
+def launch(
+    config: StudioConfig, host: str = "127.0.0.1", port: int = 7860, auth: Access | None = None
+) -> None:
+    """Open the studio on `config` and serve it until interrupted (blocks)."""
+    access = auth or Access()
+    if access.open and not is_loopback(host):
+        raise AccessError(f"Refusing to serve the studio on {host} without authentication.")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    studio = Studio.open(config)
+    app = build_app(studio)
+    kwargs: dict = {}
+    if access.users:
+        kwargs["auth"] = list(access.users)
+        kwargs["auth_message"] = "CollectionLoRA Studio: sign in with the account you were given."
+    if access.token:
+        kwargs["auth_dependency"] = token_dependency(access.token)
+        kwargs["app_kwargs"] = {"middleware": [Middleware(TokenCookieMiddleware, token=access.token)]}
+    log.info("studio data in %s, serving on http://%s:%d", config.data_dir.resolve(), host, port)
+    app.queue(default_concurrency_limit=4).launch(
+        server_name=host,
+        server_port=port,
+        show_error=False,
+        max_file_size=MAX_UPLOAD,
+        footer_links=["api", "settings"],
+        run_history=False,
+        ssr_mode=False,
+        css=CSS,
+        **kwargs,
+    )

@@ -1,0 +1,153 @@
+"""The Effects tab in a real browser: `python app.py` on a free port, driven by Playwright + Debian chromium.
+
+Screenshots go to test-artifacts/ (gitignored) for a human to look at.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-gpu",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pair_zip(path: Path, n: int = 3) -> Path:
+    """n source/target pairs: a coloured square, and the same square inverted (visibly different)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(n):
+            src = Image.new("RGB", (48, 48), (30 + 60 * i, 120, 200))
+            ImageDraw.Draw(src).ellipse((12, 12, 36, 36), fill=(240, 200, 40))
+            tgt = Image.eval(src, lambda v: 255 - v)
+            for role, img in (("source", src), ("target", tgt)):
+                buf = io.BytesIO()
+                img.save(buf, "PNG")
+                zf.writestr(f"square_{i}_{role}.png", buf.getvalue())
+    return path
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the studio exited early with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"the studio did not answer on {url} within {timeout:.0f} s")
+
+
+@pytest.fixture()
+def studio_server(tmp_path):
+    port = _free_port()
+    log = (tmp_path / "server.log").open("wb")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--data-dir", str(tmp_path / "data"), "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            _wait_http(url, proc, timeout=45)
+        except AssertionError as e:
+            log.flush()
+            raise AssertionError(f"{e}\n{(tmp_path / 'server.log').read_text()[-3000:]}") from None
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)")
+def test_upload_list_select_gallery_exclude(studio_server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from studio.ui.services import bench_importer
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    zip_path = _pair_zip(tmp_path / "browser fx.zip")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(20_000)
+            page.goto(studio_server)
+
+            # Empty library: the demo button shows exactly when the bench can be imported here.
+            expect(page.locator("#effects-table")).to_be_visible()
+            demo = page.locator("#demo-button")
+            if bench_importer() is not None:
+                expect(demo).to_be_visible()
+            else:
+                expect(demo).to_be_hidden()
+
+            page.locator("#pairset-upload input[type=file]").set_input_files(str(zip_path))
+            expect(page.locator("#pairset-upload")).to_contain_text("browser fx.zip")
+            page.get_by_label("Teacher prompt").first.fill("Invert the colours.")
+            page.locator("#import-button").click()
+
+            expect(page.locator("#effects-notice")).to_contain_text("Imported browser-fx with 3 pairs")
+            table = page.locator("#effects-table")
+            expect(table).to_contain_text("browser-fx")
+            expect(table).to_contain_text("Invert the colours.")
+            page.screenshot(path=str(ARTIFACTS / "effects-imported.png"), full_page=True)
+
+            # A fresh page shows what the database holds; select the effect from the list:
+            # the gallery shows one source|target row per pair.
+            page.reload()
+            table = page.locator("#effects-table")
+            expect(table).to_contain_text("browser-fx")
+            expect(page.locator("#pairs-gallery")).to_be_hidden()
+            table.get_by_text("browser-fx", exact=True).filter(visible=True).first.click()
+            gallery = page.locator("#pairs-gallery")
+            expect(gallery.locator("img")).to_have_count(3)
+            expect(page.locator("#effect-summary")).to_contain_text("3 pairs used for training")
+
+            # Click a pair, exclude it: the list and the summary count one fewer.
+            gallery.locator("img").first.click()
+            expect(page.locator("#pair-id input")).not_to_have_value("")
+            page.locator("#exclude-pair").click()
+            expect(page.locator("#effects-notice")).to_contain_text("excluded from training")
+            expect(page.locator("#effect-summary")).to_contain_text("2 pairs used for training, 1 excluded")
+            page.screenshot(path=str(ARTIFACTS / "effects-gallery.png"), full_page=True)
+        finally:
+            browser.close()

@@ -162,32 +162,6 @@ def detect_frame(src: np.ndarray, tgt: np.ndarray) -> tuple[int, np.ndarray] | N
     return None
 
 
-def background_mask(img: np.ndarray) -> np.ndarray:
-    """Pixels that a smooth background (a quadratic surface fitted to the border, so gradients and
-    plain backdrops both fit) explains: a rough background for simple scenes."""
-    h, w = img.shape[:2]
-    yy, xx = np.mgrid[0:h, 0:w]
-    y, x = yy.ravel() / max(h - 1, 1), xx.ravel() / max(w - 1, 1)
-    basis = np.stack([np.ones_like(x), x, y, x * x, y * y, x * y], axis=1)
-    dist = np.minimum(np.minimum(yy, h - 1 - yy), np.minimum(xx, w - 1 - xx)).ravel()
-    border = dist < 2
-    pixels = img.reshape(-1, 3)
-    coef, *_ = np.linalg.lstsq(basis[border], pixels[border], rcond=None)
-    residual = np.abs(pixels - basis @ coef).max(axis=-1)
-    spread = max(0.08, 3 * float(np.median(residual[border])))
-    return (residual <= spread).reshape(h, w)
-
-
-def subject_mask(src: np.ndarray) -> np.ndarray:
-    """The subject as "not background", or the central box when that estimate is implausible."""
-    fg = ~background_mask(src)
-    if not 0.04 <= fg.mean() <= 0.6:
-        h, w = src.shape[:2]
-        fg = np.zeros((h, w), bool)
-        fg[h // 4 : h - h // 4, w // 4 : w - w // 4] = True
-    return fg
-
-
 def periodicity(img: np.ndarray) -> tuple[int, float]:
     """(k, score): the largest k in 2..4 whose 1/k-image shifts map the image onto itself."""
     lum = luminance(img)
@@ -205,8 +179,8 @@ def periodicity(img: np.ndarray) -> tuple[int, float]:
 
 
 def detect_scale(src: np.ndarray, tgt: np.ndarray) -> tuple[str, float] | None:
-    """("shrink" | "enlarge", factor) when the target is the whole source rescaled about its centre,
-    or when the subject (estimated from the background colour) changed size."""
+    """("shrink" | "enlarge", factor) when the target is the whole source rescaled about its centre.
+    (Estimating the subject's own size from a background model misfired on textured scenes.)"""
     h, w = src.shape[:2]
     lt = luminance(tgt)
     for kind in ("shrink", "enlarge"):
@@ -225,13 +199,6 @@ def detect_scale(src: np.ndarray, tgt: np.ndarray) -> tuple[str, float] | None:
                 best, best_f = score, f
         if best_f:
             return kind, best_f if kind == "shrink" else 1 / best_f
-    fg_s, fg_t = ~background_mask(src), ~background_mask(tgt)
-    if 0.04 <= fg_s.mean() <= 0.6 and fg_t.mean() >= 0.01:
-        ratio = float(fg_t.mean() / fg_s.mean())
-        if ratio < 0.6:
-            return "shrink", math.sqrt(ratio)
-        if ratio > 1.7 and fg_t.mean() <= 0.85:
-            return "enlarge", math.sqrt(ratio)
     return None
 
 
@@ -275,14 +242,18 @@ def analyse_pair(source: Image.Image, target: Image.Image) -> PairFindings:
         yy, xx = np.mgrid[0:h, 0:w]
         region = np.hypot((yy - (h - 1) / 2) / h, (xx - (w - 1) / 2) / w) < 0.25  # the untouched centre
     else:
-        subject = subject_mask(aligned)
+        # The kept part is the subject when it is a compact inner region and everything around it,
+        # border included, changed in a way no single colour mapping explains.
         changed = np.abs(tgt - aligned).max(axis=-1) > CHANGED
+        subject = ~changed
+        edge = np.zeros_like(changed)
+        edge[:2], edge[-2:], edge[:, :2], edge[:, -2:] = True, True, True, True
         if (
-            changed[subject].mean() < 0.15
-            and changed[~subject].mean() > 0.5
+            0.05 <= subject.mean() <= 0.7
+            and changed[edge].mean() > 0.8
             and not _global_colour_map(aligned, tgt, subject)
         ):
-            new_bg = tgt[~subject & changed]
+            new_bg = tgt[changed]
             uniform = float(np.abs(new_bg - np.median(new_bg, axis=0)).max(axis=-1).mean()) < 0.08
             out["background"] = colour_name(np.median(new_bg, axis=0)) if uniform else None
             region = subject

@@ -42,7 +42,7 @@ class PretrainConfig:
     prompt_dropout: float = 0.1
     pool: int = 12_000  # pre-generated training triplets (64 px, downsampled to the working size)
     render_size: int = 64
-    eval_every_min: float = 10.0
+    eval_every_min: float = 15.0
     eval_n: int = 8  # held-out samples per general edit
     eval_steps: int = 40
     eval_cfg: float = 4.0

@@ -1,0 +1,411 @@
+"""The CollectionLoRA multi-teacher on-policy distillation loop (§4, eqs. 1, 5-9).
+
+ONE frozen base carries every adapter: the teachers' effect LoRAs, ``student`` and ``fake``; each
+forward activates the adapter it needs (never a model copy). Each generator step is preceded by
+``critic_updates`` (5) updates of the fake critic on fresh, detached student samples.
+
+Per step, PDSR draws p ~ U(0, 1):
+- p < p_switch, the effect stream: effect i, real score = base + LoRA_i with c_teacher and true CFG;
+  loss = TA-FM (eq. 6) + DMD with target simulation (eq. 7) + DMD with backward simulation (eq. 1).
+- otherwise the general stream: general images and instructions, real score = the base alone;
+  loss = DMD with backward simulation only.
+
+Runs as one process or under ``accelerate launch`` (each rank draws its own batches; the LoRA
+gradients are averaged by hand because adapters switch per forward, which DDP's fixed-graph hooks
+do not expect). Checkpoints hold student, fake, both optimizers, the RNG and the step, and a resumed
+run continues the same trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbones import adapters
+from .backbones.base import Backbone, Condition
+from .callbacks import NullReporter, Reporter
+from .checkpointing import (
+    flatten_optimizer,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_optimizer,
+)
+from .config import DistillConfig
+from .flow import add_noise, sample_timesteps, sigma_schedule
+from .images import to_pil
+from .objectives import VelocityFn, critic_loss, dmd_step, flow_matching_loss
+from .sampling import euler_sample, guided_velocity
+from .simulation import backward_simulation, target_simulation
+from .targets import EffectSpec, TargetCache
+
+STUDENT, FAKE = "student", "fake"
+
+
+@dataclass
+class GeneralData:
+    """The general stream's unlabelled images and their (VLM- or offline-written) instructions."""
+
+    images: torch.Tensor  # (M, 3, H, W) in [-1, 1]
+    instructions: list[str]
+
+
+@dataclass
+class DistillResult:
+    steps: int
+    stopped: bool
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class CollectionDistiller:
+    def __init__(
+        self,
+        backbone: Backbone,
+        effects: list[EffectSpec],
+        general: GeneralData,
+        config: DistillConfig,
+        work_dir: Path,
+        reporter: Reporter | None = None,
+        accelerator: Any | None = None,
+        init_student: dict[str, torch.Tensor] | None = None,
+        init_fake: dict[str, torch.Tensor] | None = None,
+    ):
+        if not effects and config.p_switch > 0 and config.pdsr:
+            raise ValueError("no effects to distil")
+        self.bb = backbone
+        self.tr = backbone.transformer
+        self.effects = effects
+        self.general = general
+        self.cfg = config
+        self.work_dir = Path(work_dir)
+        self.reporter = reporter or NullReporter()
+        self.acc = accelerator
+        self.rank = accelerator.process_index if accelerator else 0
+        self.world = accelerator.num_processes if accelerator else 1
+        self.is_main = self.rank == 0
+
+        # identical adapter initialisation on every rank, then per-rank data randomness
+        torch.manual_seed(config.seed)
+        for name, spec, init in (
+            (STUDENT, config.student_lora, init_student),
+            (FAKE, config.fake_lora, init_fake),
+        ):
+            if name in adapters.adapter_names(self.tr):
+                adapters.delete(self.tr, name)
+            adapters.add_lora(self.tr, name, spec)
+            if init is not None:
+                self._load_adapter(name, init)
+        adapters.set_trainable(self.tr, [STUDENT, FAKE])
+        self.student_params = list(adapter_params(self.tr, STUDENT).values())
+        self.fake_params = list(adapter_params(self.tr, FAKE).values())
+        self.opt_g = torch.optim.AdamW(self.student_params, lr=config.lr_student, weight_decay=0.0)
+        self.opt_f = torch.optim.AdamW(self.fake_params, lr=config.lr_fake, weight_decay=0.0)
+        self.gen = torch.Generator().manual_seed(config.seed * 1009 + self.rank)
+        self.step = 0
+        h = backbone.image_size
+        self.sigmas = sigma_schedule(
+            config.student_steps, backbone.image_seq_len((1, 3, h, h)), backbone.schedule
+        ).to(backbone.device)
+        self.cache = TargetCache(
+            backbone,
+            effects,
+            backbone.prepare_images(general.images),
+            steps=config.target_steps,
+            cfg=config.teacher_cfg,
+            general_per_effect=config.target_general_sources,
+            root=self.work_dir / "targets",
+            seed=config.seed,
+        )
+        self.general_images = backbone.prepare_images(general.images)
+        new = [i for i, e in enumerate(effects) if e.new]
+        old = [i for i, e in enumerate(effects) if not e.new]
+        self._new, self._old = new, old
+
+    # -- adapters and scores ---------------------------------------------------------------------
+    def _load_adapter(self, name: str, sd: dict[str, torch.Tensor]) -> None:
+        own = adapter_params(self.tr, name)
+        with torch.no_grad():
+            for k, v in sd.items():
+                if k in own:
+                    own[k].copy_(v)
+
+    def _velocity(
+        self, names: list[str] | None, cond: Condition, uncond: Condition | None = None, cfg: float = 1.0
+    ) -> VelocityFn:
+        def fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            adapters.activate(self.tr, names)
+            return guided_velocity(self.bb, x, s, cond, uncond, cfg)
+
+        return fn
+
+    def _encode(self, prompts: list[str], sources: torch.Tensor) -> Condition:
+        with torch.no_grad():
+            return self.bb.encode_prompt(prompts, sources.to(self.bb.device))
+
+    def _uniform(self, lo: float, hi: float, n: int) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(n, generator=self.gen)).to(self.bb.device)
+
+    def _randn(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self.gen).to(like.device, like.dtype)
+
+    def _exit_step(self) -> int:
+        return int(torch.randint(0, self.cfg.student_steps, (1,), generator=self.gen))
+
+    # -- PDSR ------------------------------------------------------------------------------------
+    def _route(self) -> str:
+        if not self.effects:
+            return "general"
+        if not self.cfg.pdsr:
+            return "effect"
+        return "effect" if float(torch.rand((), generator=self.gen)) < self.cfg.p_switch else "general"
+
+    def _pick_effect(self) -> int:
+        if self._new and self._old:  # extension: replay the old effects beside the new ones
+            pool = (
+                self._new
+                if float(torch.rand((), generator=self.gen)) < self.cfg.new_effect_share
+                else self._old
+            )
+        else:
+            pool = list(range(len(self.effects)))
+        return pool[int(torch.randint(0, len(pool), (1,), generator=self.gen))]
+
+    def _effect_batch(self, i: int) -> dict[str, Any]:
+        e = self.effects[i]
+        b = self.cfg.batch
+        src, y = self.cache.sample(i, b, self.gen)
+        student_prompt = e.student_prompt if self.cfg.aop else e.teacher_prompt
+        c_student = self._encode([student_prompt] * b, src)
+        c_teacher = self._encode([e.teacher_prompt] * b, src)
+        uncond = self._encode([self.bb.negative_prompt] * b, src)
+        teacher = [e.teacher_adapter] if e.teacher_adapter else None
+        return {
+            "y": y.to(self.bb.device, self.bb.dtype),
+            "student": self._velocity([STUDENT], c_student),
+            "fake": self._velocity([FAKE], c_student),
+            "real": self._velocity(teacher, c_teacher, uncond, self.cfg.teacher_cfg),
+        }
+
+    def _general_batch(self) -> dict[str, Any]:
+        b = self.cfg.batch
+        idx = torch.randint(0, len(self.general_images), (b,), generator=self.gen)
+        src = self.general_images[idx]
+        instr = [self.general.instructions[j] for j in idx.tolist()]
+        c = self._encode(instr, src)
+        uncond = self._encode([self.bb.negative_prompt] * b, src)
+        return {
+            "student": self._velocity([STUDENT], c),
+            "fake": self._velocity([FAKE], c),
+            "real": self._velocity(None, c, uncond, self.cfg.teacher_cfg),
+            "shape": (b, *src.shape[1:]),
+        }
+
+    def _noise(self, batch: dict[str, Any]) -> torch.Tensor:
+        shape = batch["y"].shape if "y" in batch else batch["shape"]
+        return torch.randn(shape, generator=self.gen).to(self.bb.device, self.bb.dtype)
+
+    # -- one update of each ------------------------------------------------------------------------
+    def critic_step(self) -> float:
+        stream = self._route()
+        batch = self._effect_batch(self._pick_effect()) if stream == "effect" else self._general_batch()
+        with torch.no_grad():
+            samples = [
+                backward_simulation(batch["student"], self._noise(batch), self.sigmas, self._exit_step())
+            ]
+            if stream == "effect" and self.cfg.target_simulation:
+                y = batch["y"]
+                s_gen = self._uniform(self.cfg.s_min, self.cfg.s_gen_max, len(y))
+                samples.append(target_simulation(batch["student"], y, s_gen, self._randn(y)))
+        loss = torch.zeros((), device=self.bb.device)
+        for x in samples:
+            s = self._uniform(self.cfg.s_min, self.cfg.s_max, len(x))
+            loss = loss + critic_loss(batch["fake"], x, s, self._randn(x)) / len(samples)
+        self.opt_f.zero_grad(set_to_none=True)
+        loss.backward()
+        self._sync(self.fake_params)
+        torch.nn.utils.clip_grad_norm_(self.fake_params, self.cfg.grad_clip)
+        self.opt_f.step()
+        return loss.item()
+
+    def generator_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        stream = self._route()
+        m: dict[str, float] = {"effect_stream": float(stream == "effect")}
+        if stream == "effect":
+            i = self._pick_effect()
+            batch = self._effect_batch(i)
+            y = batch["y"]
+            b = len(y)
+            loss = torch.zeros((), device=self.bb.device)
+            if cfg.ta_fm:  # eq. 6: anchor the student's trajectory on the teacher's target
+                s = sample_timesteps(b, "logit_normal", generator=self.gen).to(self.bb.device)
+                eps = self._randn(y)
+                l_fm = flow_matching_loss(batch["student"](add_noise(y, eps, s), s), y, eps)
+                loss = loss + cfg.ta_fm_weight * l_fm
+                m["ta_fm"] = l_fm.item()
+            if cfg.target_simulation:  # eq. 7: s_gen < tau_max, s_critic > tau_min
+                s_gen = self._uniform(cfg.s_min, cfg.s_gen_max, b)
+                y_hat = target_simulation(batch["student"], y, s_gen, self._randn(y))
+                s_crit = self._uniform(cfg.s_critic_min, cfg.s_max, b)
+                l_ts, st = dmd_step(y_hat, s_crit, batch["real"], batch["fake"], self.gen)
+                loss = loss + cfg.dmd_ts_weight * l_ts
+                m["dmd_ts"], m["ts_gap"] = l_ts.item(), st["real_fake_gap"]
+            if cfg.backward_simulation:
+                l_bs, st = self._dmd_bs(batch)
+                loss = loss + cfg.dmd_bs_weight * l_bs
+                m["dmd_bs"], m["bs_gap"] = l_bs.item(), st["real_fake_gap"]
+            m["effect"] = float(i)
+        else:
+            batch = self._general_batch()
+            loss, st = self._dmd_bs(batch)
+            loss = cfg.dmd_bs_weight * loss
+            m["dmd_bs_general"], m["bs_gap"] = loss.item(), st["real_fake_gap"]
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self._sync(self.student_params)
+        m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.student_params, cfg.grad_clip))
+        self.opt_g.step()
+        m["loss"] = loss.item()
+        return m
+
+    def _dmd_bs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        x_g = backward_simulation(batch["student"], self._noise(batch), self.sigmas, self._exit_step())
+        s_crit = self._uniform(self.cfg.s_min, self.cfg.s_max, len(x_g))
+        return dmd_step(x_g, s_crit, batch["real"], batch["fake"], self.gen)
+
+    def _sync(self, params: list[torch.nn.Parameter]) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.acc.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self, resume_from: Path | None = None) -> DistillResult:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        ckpt_dir = self.work_dir / "checkpoints"
+        resume_from = resume_from or latest_checkpoint(ckpt_dir)
+        if resume_from is not None:
+            self.load(resume_from)
+        self.cache.build()
+        metrics: dict[str, float] = {}
+        stopped = False
+        while self.step < cfg.steps:
+            if self.reporter.should_stop():
+                stopped = True
+                break
+            critic = [self.critic_step() for _ in range(cfg.critic_updates)]
+            metrics = self.generator_step()
+            metrics["critic"] = sum(critic) / len(critic)
+            self.step += 1
+            if (
+                cfg.target_refresh_every
+                and self.step % cfg.target_refresh_every == 0
+                and self.step < cfg.steps
+            ):
+                self.cache.refresh(cfg.target_refresh_fraction, self.gen)
+            if self.is_main:
+                self.reporter.progress(self.step, cfg.steps, metrics)
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.reporter.samples(self.step, self.sample_grid())
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.reporter.checkpoint(self.step, self.save(ckpt_dir / f"step-{self.step:06d}"))
+        if stopped and self.is_main:
+            self.reporter.checkpoint(self.step, self.save(ckpt_dir / f"step-{self.step:06d}"))
+        adapters.activate(self.tr, [STUDENT])
+        return DistillResult(self.step, stopped, time.perf_counter() - t0, metrics)
+
+    # -- previews and state --------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_grid(self, per_effect: int = 2, max_effects: int = 8) -> Any:
+        """Rows of (source, teacher target, student 8-step) for a few effects."""
+        from PIL import Image
+
+        rows = []
+        for i, e in enumerate(self.effects[:max_effects]):
+            src, y = self.cache.sources[i][:per_effect], self.cache.targets[i][:per_effect]
+            cond = self._encode([e.student_prompt if self.cfg.aop else e.teacher_prompt] * len(src), src)
+            with adapters.using(self.tr, [STUDENT]):
+                out = euler_sample(self.bb, cond, steps=self.cfg.student_steps, seed=i).images
+            for k in range(len(src)):
+                rows.append([src[k], self.bb.decode_latents(y[k : k + 1])[0], out[k]])
+        if not rows:
+            return Image.new("RGB", (8, 8))
+        tiles = [to_pil(torch.stack(r)) for r in rows]
+        w, h = tiles[0][0].size
+        grid = Image.new("RGB", (3 * w, len(tiles) * h), "white")
+        for r, ims in enumerate(tiles):
+            for c, im in enumerate(ims):
+                grid.paste(im, (c * w, r * h))
+        return grid
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name in (STUDENT, FAKE):
+            for k, p in adapter_params(self.tr, name).items():
+                tensors[f"{name}/{k}"] = p.detach().cpu()
+        tg, mg = flatten_optimizer(self.opt_g, "opt_g")
+        tf, mf = flatten_optimizer(self.opt_f, "opt_f")
+        tensors.update(tg)
+        tensors.update(tf)
+        tensors["rng/generator"] = self.gen.get_state()
+        tensors["rng/torch"] = torch.get_rng_state()
+        for i, t in enumerate(self.cache.targets):
+            if t is not None:
+                tensors[f"cache/{i}"] = t.cpu()
+        meta = {
+            "step": self.step,
+            "opt_g": mg,
+            "opt_f": mf,
+            "config": self.cfg.to_dict(),
+            "cache_version": self.cache.version,
+        }
+        return tensors, meta
+
+    def save(self, path: Path) -> Path:
+        tensors, meta = self.state_tensors()
+        return save_checkpoint(path, tensors, meta)
+
+    def load(self, path: Path) -> None:
+        tensors, meta = load_checkpoint(path)
+        for name in (STUDENT, FAKE):
+            self._load_adapter(
+                name, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "/")}
+            )
+        unflatten_optimizer(self.opt_g, "opt_g", tensors, meta["opt_g"])
+        unflatten_optimizer(self.opt_f, "opt_f", tensors, meta["opt_f"])
+        self.gen.set_state(tensors["rng/generator"])
+        torch.set_rng_state(tensors["rng/torch"])
+        self.cache.version = meta.get("cache_version", 0)
+        for i in range(len(self.effects)):
+            if f"cache/{i}" in tensors:
+                self.cache.targets[i] = tensors[f"cache/{i}"]
+        self.step = int(meta["step"])
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        return adapters.lora_state_dict(self.tr, STUDENT)
+
+
+def adapter_params(transformer: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Parameter]:
+    """An adapter's parameters by stable name (module path + lora_A/lora_B), in module order."""
+    suffix = f".{adapter}.weight"
+    return {
+        n[: -len(suffix)]: p
+        for n, p in transformer.named_parameters()
+        if n.endswith(suffix) and ".lora_" in n
+    }
+
+
+def estimate_eta(done: int, total: int, seconds: float) -> float:
+    return math.inf if done == 0 else seconds / done * (total - done)

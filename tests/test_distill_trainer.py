@@ -1,0 +1,168 @@
+"""The distillation loop on a tiny random backbone: routing, bounds, 5:1, one base, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import distill.trainer as trainer_mod
+from distill.backbones import adapters
+from distill.backbones.tiny import TinyConfig, TinyEditor
+from distill.callbacks import NullReporter
+from distill.config import DistillConfig
+from distill.targets import EffectSpec
+from distill.trainer import CollectionDistiller, GeneralData, adapter_params
+
+
+def _backbone(seed: int = 0) -> TinyEditor:
+    bb = TinyEditor.random(
+        TinyConfig(num_layers=2, num_heads=2, head_dim=16, text_dim=32, text_layers=1), seed=seed
+    )
+    bb.freeze()
+    torch.manual_seed(seed + 1)
+    adapters.add_lora(bb.transformer, "teacher-red", adapters.LoraSpec(rank=4, alpha=4.0))
+    with torch.no_grad():  # a teacher that really differs from the base
+        for name, p in adapter_params(bb.transformer, "teacher-red").items():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    adapters.set_trainable(bb.transformer, [])
+    return bb
+
+
+def _data(n: int = 4) -> tuple[list[EffectSpec], GeneralData]:
+    g = torch.Generator().manual_seed(7)
+    src = torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
+    effects = [
+        EffectSpec("red", "teacher-red", "Make it red.", "<red_Xy1> Tint the whole image red.", src),
+        EffectSpec("base", None, "Keep it.", "<base_Q7> Keep the image as it is.", src.flip(0)),
+    ]
+    general = GeneralData(torch.rand(6, 3, 32, 32, generator=g) * 2 - 1, ["Flip it.", "Keep it."] * 3)
+    return effects, general
+
+
+def _config(**kw) -> DistillConfig:
+    base = dict(
+        steps=4,
+        batch=2,
+        critic_updates=2,
+        target_steps=2,
+        checkpoint_every=2,
+        sample_every=0,
+        target_general_sources=2,
+        target_refresh_every=3,
+        student_steps=4,
+        seed=3,
+    )
+    base.update(kw)
+    return DistillConfig.for_backbone("tiny", **base)
+
+
+class Recorder(NullReporter):
+    def __init__(self, stop_at: int | None = None):
+        self.metrics: list[dict[str, float]] = []
+        self.checkpoints: list[int] = []
+        self.stop_at = stop_at
+        self.step = 0
+
+    def progress(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        self.step = step
+        self.metrics.append(dict(metrics))
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        self.checkpoints.append(step)
+
+    def should_stop(self) -> bool:
+        return self.stop_at is not None and self.step >= self.stop_at
+
+
+def test_one_shared_base_and_frozen_teachers(tmp_path: Path) -> None:
+    bb = _backbone()
+    effects, general = _data()
+    base_before = {n: p.clone() for n, p in bb.transformer.named_parameters() if "lora_" not in n}
+    teacher_before = {n: p.clone() for n, p in adapter_params(bb.transformer, "teacher-red").items()}
+    d = CollectionDistiller(bb, effects, general, _config(), tmp_path)
+    assert d.tr is bb.transformer
+    assert set(adapters.adapter_names(bb.transformer)) >= {"teacher-red", "student", "fake"}
+    d.train()
+    for n, p in bb.transformer.named_parameters():
+        if "lora_" not in n:
+            assert not p.requires_grad and torch.equal(p, base_before[n])
+    for n, p in adapter_params(bb.transformer, "teacher-red").items():
+        assert torch.equal(p, teacher_before[n])
+    moved = [
+        not torch.all(p == 0) for n, p in adapter_params(bb.transformer, "student").items() if "lora_B" in n
+    ]
+    assert any(moved)
+
+
+def test_five_critic_updates_per_generator_update(tmp_path: Path) -> None:
+    d = CollectionDistiller(_backbone(), *_data(), _config(critic_updates=5, steps=3), tmp_path)
+    counts = {"g": 0, "f": 0}
+    g_step, f_step = d.opt_g.step, d.opt_f.step
+    d.opt_g.step = lambda *a, **k: (counts.__setitem__("g", counts["g"] + 1), g_step(*a, **k))[1]
+    d.opt_f.step = lambda *a, **k: (counts.__setitem__("f", counts["f"] + 1), f_step(*a, **k))[1]
+    d.train()
+    assert counts == {"g": 3, "f": 15}
+
+
+@pytest.mark.parametrize(("p_switch", "expected"), [(0.0, 0.0), (1.0, 1.0)])
+def test_pdsr_routes_by_p_switch(tmp_path: Path, p_switch: float, expected: float) -> None:
+    rec = Recorder()
+    CollectionDistiller(_backbone(), *_data(), _config(p_switch=p_switch, steps=3), tmp_path, rec).train()
+    assert [m["effect_stream"] for m in rec.metrics] == [expected] * 3
+    if expected:
+        assert all({"ta_fm", "dmd_ts", "dmd_bs"} <= set(m) for m in rec.metrics)
+    else:
+        assert all("dmd_bs_general" in m and "ta_fm" not in m for m in rec.metrics)
+
+
+def test_target_simulation_respects_tau_bounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, list[float]] = {"gen": [], "critic": []}
+    ts, dmd = trainer_mod.target_simulation, trainer_mod.dmd_step
+
+    def spy_ts(student, y, s_gen, eps):
+        if torch.is_grad_enabled():
+            seen["gen"] += s_gen.tolist()
+        return ts(student, y, s_gen, eps)
+
+    def spy_dmd(x, s_critic, real, fake, generator=None):
+        seen["critic"] += s_critic.tolist()
+        return dmd(x, s_critic, real, fake, generator)
+
+    monkeypatch.setattr(trainer_mod, "target_simulation", spy_ts)
+    monkeypatch.setattr(trainer_mod, "dmd_step", spy_dmd)
+    cfg = _config(p_switch=1.0, backward_simulation=False, ta_fm=False, steps=5, tau_max=300.0, tau_min=800.0)
+    CollectionDistiller(_backbone(), *_data(), cfg, tmp_path).train()
+    assert len(seen["gen"]) == 10 and len(seen["critic"]) == 10
+    assert max(seen["gen"]) < 0.3 and min(seen["gen"]) >= cfg.s_min
+    assert min(seen["critic"]) > 0.8 and max(seen["critic"]) <= cfg.s_max
+
+
+def test_ablation_switches_drop_their_losses(tmp_path: Path) -> None:
+    rec = Recorder()
+    cfg = _config(p_switch=1.0, ta_fm=False, target_simulation=False, aop=False, steps=2)
+    CollectionDistiller(_backbone(), *_data(), cfg, tmp_path, rec).train()
+    assert all("dmd_bs" in m and "ta_fm" not in m and "dmd_ts" not in m for m in rec.metrics)
+    with pytest.raises(ValueError, match="at least one"):
+        _config(ta_fm=False, target_simulation=False, backward_simulation=False)
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    full = CollectionDistiller(_backbone(), *_data(), _config(), tmp_path / "a")
+    full.train()
+    want = {k: v.clone() for k, v in adapter_params(full.tr, "student").items()}
+
+    rec = Recorder(stop_at=2)
+    first = CollectionDistiller(_backbone(), *_data(), _config(), tmp_path / "b", rec)
+    res = first.train()
+    assert res.stopped and res.steps == 2 and rec.checkpoints[-1] == 2
+    second = CollectionDistiller(
+        _backbone(), *_data(), _config(), tmp_path / "b"
+    )  # a fresh process would do this
+    res = second.train()
+    assert res.steps == 4 and not res.stopped
+    got = adapter_params(second.tr, "student")
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6)

@@ -35,7 +35,8 @@ CSS = """
 
 def build_app(studio: Studio, tabs: list[tuple[str, TabBuilder]] | None = None) -> gr.Blocks:
     """The whole studio page over `studio` (tabs default to ``TABS``)."""
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+    # delete_cache: uploads and rendered previews in Gradio's temp folder go after a day.
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         gr.Markdown(
             f"# {TITLE}\nOne LoRA for all your effects. Data: `{studio.config.data_dir}` · "
             f"backbone: `{studio.config.backbone}`"

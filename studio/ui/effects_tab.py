@@ -334,7 +334,9 @@ def build(studio: Studio, app: gr.Blocks) -> None:
         return view.updates()
 
     def on_import(f, n, p, c, sel):
-        return (*out(import_upload(studio, f, n, p, c, sel)), None)
+        view = import_upload(studio, f, n, p, c, sel)
+        # Keep the upload when it failed (a typo in the name should not mean uploading again).
+        return (*out(view), gr.update() if view.error else None)
 
     def on_demo(progress=gr.Progress()):
         return out(load_demo(studio, progress))

@@ -89,6 +89,6 @@ def bench_importer() -> BenchImporter | None:
     try:
         from .. import bench_service
     except ImportError as e:  # the bench's generators are optional for the UI
-        log.info("EffectBench-mini demo unavailable: %s", e)
+        log.debug("EffectBench-mini demo unavailable: %s", e)
         return None
     return bench_service.import_bench

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -50,6 +51,14 @@ def _pair_zip(path: Path, n: int = 3) -> Path:
                 buf = io.BytesIO()
                 img.save(buf, "PNG")
                 zf.writestr(f"square_{i}_{role}.png", buf.getvalue())
+    return path
+
+
+def _broken_zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        buf = io.BytesIO()
+        Image.new("RGB", (48, 48), (9, 9, 9)).save(buf, "PNG")
+        zf.writestr("lonely_source.png", buf.getvalue())
     return path
 
 
@@ -149,5 +158,16 @@ def test_upload_list_select_gallery_exclude(studio_server, tmp_path):
             expect(page.locator("#effects-notice")).to_contain_text("excluded from training")
             expect(page.locator("#effect-summary")).to_contain_text("2 pairs used for training, 1 excluded")
             page.screenshot(path=str(ARTIFACTS / "effects-gallery.png"), full_page=True)
+
+            # A broken pair set: the curator reads what is wrong in the error box.
+            page.locator("#pairset-upload input[type=file]").set_input_files(
+                str(_broken_zip(tmp_path / "broken.zip"))
+            )
+            expect(page.locator("#pairset-upload")).to_contain_text("broken.zip")
+            page.locator("#import-button").click()
+            error = page.locator("#effects-error textarea")
+            expect(error).to_have_value(re.compile(r"^The pair set cannot be imported"))
+            expect(error).to_have_value(re.compile(r"lonely_source\.png: source image without a target"))
+            page.locator("#effects-error").screenshot(path=str(ARTIFACTS / "effects-error.png"))
         finally:
             browser.close()

@@ -1,0 +1,417 @@
+"""Reproduce the paper's tables at small scale on EffectBench-mini with the tiny backbone.
+
+    python bench/reproduce.py --effects 10                 # Table 1 at 10 effects (+ Fig. 7)
+    python bench/reproduce.py --effects 10 --ablations     # + Table 3
+    python bench/reproduce.py --effects 10 --extend 4      # + Table 5 (10 -> 14)
+    python bench/reproduce.py --quick                      # a CI-sized smoke run
+
+Every stage is cached under --work (teacher LoRAs, Lightning, FM all-in-1, students), so a rerun
+only evaluates. Tables (markdown) and grids (PNG) go to --out with the command that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from distill.backbones import adapters  # noqa: E402
+from distill.backbones.tiny import TinyConfig, TinyEditor  # noqa: E402
+from distill.callbacks import NullReporter, TqdmReporter  # noqa: E402
+from distill.config import DistillConfig  # noqa: E402
+from distill.effectbench.bench import BenchSpec, ground_truth, test_sources, train_scene  # noqa: E402
+from distill.effectbench.effects import EFFECTS, MAIN_BENCH  # noqa: E402
+from distill.effectbench.general import GENERAL_EDITS, general_images  # noqa: E402
+from distill.evaluation import (  # noqa: E402
+    EffectEntry,
+    SystemResult,
+    evaluate_composition,
+    evaluate_system,
+    ground_truths,
+    stacked_system,
+    student_system,
+    teacher_system,
+)
+from distill.images import to_pil, to_tensor  # noqa: E402
+from distill.lora_training import LoraTrainConfig, train_lora  # noqa: E402
+from distill.prompts import student_condition  # noqa: E402
+from distill.prompts.describer import describe_effect  # noqa: E402
+from distill.prompts.triggers import assign_triggers  # noqa: E402
+from distill.targets import EffectSpec  # noqa: E402
+from distill.trainer import CollectionDistiller, GeneralData  # noqa: E402
+
+
+@dataclass
+class Setup:
+    bb: TinyEditor
+    work: Path
+    out: Path
+    quick: bool
+    seed: int
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_backbone(quick: bool) -> TinyEditor:
+    try:
+        return TinyEditor.from_pretrained()
+    except FileNotFoundError:
+        if not quick:
+            raise
+        bb = TinyEditor.random(TinyConfig(num_layers=2))
+        bb.freeze()
+        return bb
+
+
+def pairs_of(name: str, n: int) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+    """The bench's training pairs of an effect as (source, target, teacher prompt), tensors in [-1, 1]."""
+    effect = next(e for e in EFFECTS if e.name == name)
+    scenes = [train_scene(name, i, BenchSpec()) for i in range(n)]
+    return [
+        (to_tensor(s.image)[0], to_tensor(ground_truth(effect, s))[0], effect.teacher_prompt) for s in scenes
+    ]
+
+
+def _adapter_file(s: Setup, adapter: str) -> Path:
+    return s.work / "loras" / f"{adapter}.safetensors"
+
+
+def ensure_lora(s: Setup, adapter: str, train) -> float:
+    """Load ``adapter`` from the cache, else train it with ``train()`` and cache it; returns seconds."""
+    f = _adapter_file(s, adapter)
+    if adapter in adapters.adapter_names(s.bb.transformer):
+        return 0.0
+    if f.exists():
+        adapters.load_lora(s.bb.transformer, f, adapter)
+        return json.loads(f.with_suffix(".json").read_text()).get("seconds", 0.0)
+    t0 = time.perf_counter()
+    train()
+    sec = time.perf_counter() - t0
+    f.parent.mkdir(parents=True, exist_ok=True)
+    adapters.save_lora(s.bb.transformer, adapter, f)
+    f.with_suffix(".json").write_text(json.dumps({"seconds": sec}))
+    return sec
+
+
+def teacher_name(effect: str) -> str:
+    return "teacher_" + effect.replace("-", "_")
+
+
+def train_teachers(s: Setup, names: list[str], steps: int | None) -> dict[str, float]:
+    cfg = LoraTrainConfig.for_backbone("tiny", **({"steps": steps} if steps else {}), seed=s.seed)
+    secs = {}
+    for k, name in enumerate(names):
+        log(f"teacher {k + 1}/{len(names)}: {name}")
+        secs[name] = ensure_lora(
+            s, teacher_name(name), lambda n=name: train_lora(s.bb, teacher_name(n), pairs_of(n, 20), cfg)
+        )
+    adapters.set_trainable(s.bb.transformer, [])
+    return secs
+
+
+def student_prompts(s: Setup, names: list[str]) -> dict[str, str]:
+    """AOP: orthogonal triggers in the backbone's text encoder + offline-described student prompts."""
+    f = s.work / "prompts.json"
+    have = json.loads(f.read_text()) if f.exists() else {}
+    todo = [n for n in names if n not in have]
+    if todo:
+
+        def embed(texts: list[str]) -> torch.Tensor:
+            with torch.no_grad():
+                h, m = s.bb.encode_text(texts)
+            return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+
+        existing = {n: v["trigger"] for n, v in have.items()}
+        assignment = assign_triggers(names, embed, existing=existing, seed=s.seed)
+        for n in todo:
+            pairs = [tuple(to_pil(torch.stack([a, b]))) for a, b, _ in pairs_of(n, 2)]
+            prompt = describe_effect(pairs, next(e.teacher_prompt for e in EFFECTS if e.name == n)).text
+            have[n] = {"trigger": assignment.triggers[n], "student_prompt": prompt}
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(have, indent=1))
+    return {n: student_condition(have[n]["trigger"], have[n]["student_prompt"]) for n in names}
+
+
+def general_data(n: int, seed: int) -> GeneralData:
+    rng = random.Random(seed)
+    imgs = general_images(n, seed)
+    phr = [p for e in GENERAL_EDITS for p in e.phrasings]
+    return GeneralData(to_tensor(imgs), [rng.choice(phr) for _ in range(n)])
+
+
+def distill_adapter(
+    s: Setup, adapter: str, effects: list[EffectSpec], cfg: DistillConfig, init: str | None = None
+) -> float:
+    def train() -> None:
+        init_sd = None
+        if init:
+            init_sd = {k: v for k, v in _adapter_sd(s, init).items()}
+        d = CollectionDistiller(
+            s.bb,
+            effects,
+            general_data(64, s.seed),
+            cfg,
+            s.work / "runs" / adapter,
+            TqdmReporter(adapter) if not s.quick else NullReporter(),
+            init_student=init_sd,
+        )
+        d.train()
+        sd = adapters.lora_state_dict(s.bb.transformer, "student")
+        adapters.delete(s.bb.transformer, "student")
+        adapters.delete(s.bb.transformer, "fake")
+        adapters.load_lora(s.bb.transformer, sd, adapter)
+
+    sec = ensure_lora(s, adapter, train)
+    adapters.set_trainable(s.bb.transformer, [])
+    return sec
+
+
+def _adapter_sd(s: Setup, adapter: str) -> dict[str, torch.Tensor]:
+    """The trainer's parameter naming for an adapter cached as a file (for init_student)."""
+    from distill.trainer import adapter_params
+
+    if adapter not in adapters.adapter_names(s.bb.transformer):
+        adapters.load_lora(s.bb.transformer, _adapter_file(s, adapter), adapter)
+    return {k: v.detach().clone() for k, v in adapter_params(s.bb.transformer, adapter).items()}
+
+
+def effect_specs(
+    s: Setup, names: list[str], prompts: dict[str, str], new: set[str] = frozenset()
+) -> list[EffectSpec]:
+    out = []
+    for n in names:
+        e = next(x for x in EFFECTS if x.name == n)
+        src = torch.stack([a for a, _, _ in pairs_of(n, 20)])
+        out.append(EffectSpec(n, teacher_name(n), e.teacher_prompt, prompts[n], src, new=n in new))
+    return out
+
+
+def table(rows: list[SystemResult], title: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| System | PSNR (dB) ↑ | SSIM ↑ | Consistency ↑ | Accuracy ↑ | BCR ↓ | NFE | s/image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m = r.summary
+        lines.append(
+            f"| {r.system} | {m.psnr:.2f} | {m.ssim:.3f} | {m.consistency:.3f} | {m.accuracy:.3f} | "
+            f"{m.bad_case_rate:.3f} | {r.nfe} | {r.seconds_per_image:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def per_effect_table(rows: list[SystemResult]) -> str:
+    names = list(rows[0].per_effect)
+    head = "| Effect | " + " | ".join(f"{r.system} PSNR / BCR" for r in rows) + " |"
+    lines = ["### Per effect", "", head, "|" + "---|" * (len(rows) + 1)]
+    for n in names:
+        cells = [f"{r.per_effect[n].psnr:.1f} / {r.per_effect[n].bad_case_rate:.2f}" for r in rows]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_grid(rows: list[SystemResult], names: list[str], scenes, path: Path, n_src: int = 2) -> None:
+    from PIL import Image
+
+    size = 64
+    cols = 1 + len(rows) + 1
+    grid = Image.new("RGB", (cols * size, len(names) * n_src * size), "white")
+    truths = {n: [ground_truth(n, sc) for sc in scenes[:n_src]] for n in names}
+    r = 0
+    for n in names:
+        for j in range(n_src):
+            tiles = [scenes[j].image, truths[n][j]] + [res.outputs[n][j] for res in rows]
+            for c, t in enumerate(tiles):
+                im = Image.fromarray((np.clip(t, 0, 1) * 255).astype(np.uint8)).resize(
+                    (size, size), Image.Resampling.NEAREST
+                )
+                grid.paste(im, (c * size, r * size))
+            r += 1
+    grid.save(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--effects", type=int, default=10)
+    ap.add_argument("--test-per-category", type=int, default=10)
+    ap.add_argument("--teacher-steps", type=int, default=None)
+    ap.add_argument("--distill-steps", type=int, default=None)
+    ap.add_argument("--lightning-steps", type=int, default=None)
+    ap.add_argument("--fm-steps", type=int, default=None)
+    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--extend", type=int, default=0, help="Table 5: add this many extension effects")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
+    ap.add_argument("--out", type=Path, default=ROOT / "results")
+    ap.add_argument("--tag", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    q = args.quick
+    if q:
+        args.effects, args.test_per_category = min(args.effects, 2), 2
+        args.teacher_steps = args.teacher_steps or 4
+        args.distill_steps = args.distill_steps or 2
+        args.lightning_steps = args.lightning_steps or 2
+        args.fm_steps = args.fm_steps or 4
+    tag = args.tag or ("quick" if q else f"{args.effects}fx")
+    s = Setup(load_backbone(q), args.work / tag, args.out, q, args.seed)
+    s.out.mkdir(parents=True, exist_ok=True)
+    names = [e.name for e in MAIN_BENCH[: args.effects]]
+    t_start = time.time()
+
+    secs = train_teachers(s, names, args.teacher_steps)
+    prompts = student_prompts(s, names)
+    dcfg = dict(steps=args.distill_steps) if args.distill_steps else {}
+    if q:
+        dcfg.update(
+            batch=2, critic_updates=1, target_steps=2, target_general_sources=1, checkpoint_every=1000
+        )
+    log("Lightning (DMD on the general stream only)")
+    lcfg = DistillConfig.for_backbone(
+        "tiny",
+        **{**dcfg, "p_switch": 0.0, **({"steps": args.lightning_steps} if args.lightning_steps else {})},
+    )
+    distill_adapter(s, "lightning", [], lcfg)
+    log("FM all-in-1 (eq. 2 on every pair at once)")
+    fm_cfg = LoraTrainConfig.for_backbone(
+        "tiny", steps=args.fm_steps or 4 * LoraTrainConfig.for_backbone("tiny").steps, seed=s.seed
+    )
+    ensure_lora(
+        s, "fm_all", lambda: train_lora(s.bb, "fm_all", [p for n in names for p in pairs_of(n, 20)], fm_cfg)
+    )
+    log("Ours (CollectionLoRA)")
+    specs = effect_specs(s, names, prompts)
+    ours_sec = distill_adapter(s, "ours", specs, DistillConfig.for_backbone("tiny", **dcfg))
+    adapters.set_trainable(s.bb.transformer, [])
+
+    entries = [
+        EffectEntry(n, next(e.teacher_prompt for e in EFFECTS if e.name == n), prompts[n], teacher_name(n))
+        for n in names
+    ]
+    scenes = test_sources("animal", args.test_per_category) + test_sources("portrait", args.test_per_category)
+    truths = ground_truths(entries, scenes, s.bb.image_size)
+    systems = [
+        teacher_system(),
+        stacked_system("Base+Lightning", True, ""),
+        stacked_system("FM+Lightning", False, "fm_all"),
+        student_system(adapter="ours"),
+    ]
+    results = []
+    for sysm in systems:
+        log(f"evaluating {sysm.name}")
+        results.append(evaluate_system(s.bb, sysm, entries, scenes, truths))
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    cmd = "python bench/reproduce.py " + " ".join(sys.argv[1:])
+    md = [
+        f"# EffectBench-mini, {len(names)} effects ({tag})",
+        "",
+        f"Command: `{cmd}` at commit `{commit}`; {len(scenes)} test sources per effect "
+        f"({args.test_per_category} animal + {args.test_per_category} portrait), tiny backbone, 2 CPU cores.",
+        "",
+        f"Teacher training: mean {np.mean(list(secs.values())):.0f} s per effect (cached runs show their original time); "
+        f"CollectionLoRA distillation: {ours_sec:.0f} s.",
+        "",
+        table(results, f"Table 1 analogue: {len(names)} effects in 1"),
+        per_effect_table(results),
+    ]
+
+    ours_entry = {e.name: e for e in entries}
+    if len(names) >= 2:
+        a, b = ours_entry[names[0]], ours_entry[names[1]]
+        comp = []
+        for sysm in (student_system(adapter="ours"), teacher_system()):
+            p, _ = evaluate_composition(s.bb, sysm, a, b, scenes[: min(8, len(scenes))])
+            comp.append(f"| {sysm.name} | {a.name} then {b.name} | {p:.2f} |")
+        md += [
+            "### Fig. 7 analogue: zero-shot composition (one pass, PSNR vs A-then-B ground truth)",
+            "",
+            "| System | Composition | PSNR (dB) |",
+            "|---|---|---|",
+            *comp,
+            "",
+        ]
+
+    if args.ablations:
+        abl = []
+        variants = [
+            ("(1) PDSR", dict(aop=False, target_simulation=False, ta_fm=False)),
+            ("(2) PDSR+AOP", dict(target_simulation=False, ta_fm=False)),
+            ("(3) PDSR+AOP+TS", dict(ta_fm=False)),
+            ("(4) AOP+TS+TA-FM", dict(pdsr=False)),
+            ("(5) full", {}),
+        ]
+        for label, over in variants:
+            adapter = "abl_" + label.split(")")[0].strip("(")
+            log(f"ablation {label}")
+            distill_adapter(s, adapter, specs, DistillConfig.for_backbone("tiny", **{**dcfg, **over}))
+            aop = over.get("aop", True)
+            sysm = student_system(adapter=adapter, name=label)
+            if not aop:
+                sysm.prompt = lambda e: e.teacher_prompt
+            abl.append(evaluate_system(s.bb, sysm, entries, scenes, truths))
+        md.append(table(abl, "Table 3 analogue: ablations"))
+
+    if args.extend:
+        new = (
+            [e.name for e in EFFECTS[len(MAIN_BENCH) : len(MAIN_BENCH) + args.extend]]
+            if len(names) == len(MAIN_BENCH)
+            else [e.name for e in MAIN_BENCH[len(names) : len(names) + args.extend]]
+        )
+        train_teachers(s, new, args.teacher_steps)
+        prompts.update(student_prompts(s, names + new))
+        ext_specs = effect_specs(s, names + new, prompts, new=set(new))
+        ext_steps = max(2, (args.distill_steps or DistillConfig.for_backbone("tiny").steps) // 5)
+        distill_adapter(
+            s,
+            "ours_ext",
+            ext_specs,
+            DistillConfig.for_backbone("tiny", **{**dcfg, "steps": ext_steps}),
+            init="ours",
+        )
+        all_entries = entries + [
+            EffectEntry(
+                n, next(e.teacher_prompt for e in EFFECTS if e.name == n), prompts[n], teacher_name(n)
+            )
+            for n in new
+        ]
+        all_truths = ground_truths(all_entries, scenes, s.bb.image_size)
+        ext = [
+            evaluate_system(
+                s.bb, stacked_system("Base+Lightning", True, ""), all_entries, scenes, all_truths
+            ),
+            evaluate_system(
+                s.bb,
+                student_system(adapter="ours_ext", name=f"Ours extended ({ext_steps} steps)"),
+                all_entries,
+                scenes,
+                all_truths,
+            ),
+        ]
+        md.append(table(ext, f"Table 5 analogue: {len(names)} -> {len(names) + len(new)} effects"))
+
+    md.append(f"Total wall time: {(time.time() - t_start) / 60:.1f} min.\n")
+    (s.out / f"table1_{tag}.md").write_text("\n".join(md))
+    save_grid(results, names[: min(6, len(names))], scenes, s.out / f"grid_{tag}.png")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import StudioConfig, default_data_dir
 
-COMMAND_MODULES = ["library", "bench"]
+COMMAND_MODULES = ["library", "bench", "runs", "teacher"]
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     from .context import Studio  # opened only once a command really runs

@@ -162,8 +162,8 @@ def run_devices(config: dict[str, Any]) -> list[str]:
     return [str(config.get("device") or ("cuda:0" if gpu_count() else "cpu"))]
 
 
-def lock_path(data_dir: Path, device: str) -> Path:
-    return Path(data_dir) / "locks" / f"device-{device}.lock"
+def lock_path(data_dir: Path, name: str, prefix: str = "device-") -> Path:
+    return Path(data_dir) / "locks" / f"{prefix}{name}.lock"
 
 
 # -- creating, launching, stopping, resuming ----------------------------------------------------
@@ -309,6 +309,13 @@ def resume(studio: Studio, run_id: int) -> int:
 # -- liveness -----------------------------------------------------------------------------------
 
 
+def _reap() -> None:
+    """Collect exited workers this process started (they would linger as zombies)."""
+    for pid, child in list(_CHILDREN.items()):
+        if child.poll() is not None:
+            del _CHILDREN[pid]
+
+
 def _pid_alive(pid: int) -> bool:
     child = _CHILDREN.get(pid)
     if child is not None and child.poll() is not None:  # ours and exited (poll reaps it)
@@ -356,6 +363,7 @@ def reconcile(studio: Studio, run_id: int | None = None) -> list[int]:
     Runs on this host are checked by pid; runs on other hosts by heartbeat age. Active runs
     whose worker lives are left alone: they are independent processes the UI re-attaches to.
     """
+    _reap()
     now = utcnow()
     q = select(Run).where(Run.status.in_(ACTIVE), Run.pid.is_not(None))
     if run_id is not None:

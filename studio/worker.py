@@ -101,10 +101,13 @@ def _json_safe(v: Any) -> Any:
 
 
 class DeviceLocks:
-    """Exclusive fcntl locks on one or more devices, taken all or none (in sorted order)."""
+    """Exclusive fcntl locks on one or more devices, taken all or none (in sorted order).
 
-    def __init__(self, data_dir: Path, devices: list[str], run_id: int):
-        self.paths = [lock_path(data_dir, d) for d in sorted(set(devices))]
+    The kernel drops them when the process dies, so a killed worker never blocks the queue.
+    """
+
+    def __init__(self, data_dir: Path, devices: list[str], run_id: int, prefix: str = "device-"):
+        self.paths = [lock_path(data_dir, d, prefix) for d in sorted(set(devices))]
         self.run_id = run_id
         self._files: list[Any] = []
 
@@ -192,6 +195,11 @@ class Worker:
         if run.status != RunStatus.QUEUED:
             print(f"worker: run {self.run_id} is {run.status.value}; nothing to do", file=sys.stderr)
             return 1
+        # One worker per run, even if it was launched twice (two clicks on "resume").
+        own = DeviceLocks(self.studio.config.data_dir, [f"run-{self.run_id}"], self.run_id, prefix="")
+        if not own.try_acquire():
+            print(f"worker: run {self.run_id} already has a worker; leaving it alone", file=sys.stderr)
+            return 1
         with self.studio.session() as s:
             s.execute(
                 update(Run)
@@ -223,6 +231,7 @@ class Worker:
             return 1
         finally:
             self._beat_stop.set()
+            own.release()
             if not self._done:  # e.g. the DB went away mid-write: never leave the row active
                 with self.studio.session() as s:
                     s.execute(
@@ -342,7 +351,7 @@ class Worker:
     def _run_distributed(self, n: int) -> Outcome:
         result = run_dir(self.studio, self.run_id) / RESULT_NAME
         result.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n)]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n)]
         cmd += ["-m", "studio.worker", str(self.run_id), "--rank-child"]
         cmd += ["--data-dir", str(self.studio.config.data_dir)]
         if self.studio.config.db_url:
@@ -380,8 +389,11 @@ class Worker:
             "finished_at": utcnow(),
             "heartbeat_at": utcnow(),
         }
-        if outcome.metrics:
-            values["metrics"] = outcome.metrics
+        metrics = outcome.metrics
+        if not metrics:  # e.g. stopped while queued: keep what was there, minus the queue note
+            with self.studio.session() as s:
+                metrics = s.scalar(select(Run.metrics).where(Run.id == self.run_id)) or {}
+        values["metrics"] = {k: v for k, v in metrics.items() if k != "waiting_for"}
         if outcome.status == RunStatus.SUCCEEDED:
             values["progress"] = 1.0
         with self.studio.session() as s:

@@ -10,12 +10,14 @@ the DbReporter's throttling, ETA, checkpoints and samples; reconcile's liveness 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import io
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -45,7 +47,7 @@ def _row(studio: Studio, run_id: int) -> Run:
         return s.get(Run, run_id)
 
 
-def _wait(studio: Studio, run_id: int, until, timeout: float = 30.0, what: str = "") -> Run:
+def _wait(studio: Studio, run_id: int, until, timeout: float = 60.0, what: str = "") -> Run:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         run = _row(studio, run_id)
@@ -58,7 +60,7 @@ def _wait(studio: Studio, run_id: int, until, timeout: float = 30.0, what: str =
     )
 
 
-def _wait_finished(studio: Studio, run_id: int, timeout: float = 30.0) -> Run:
+def _wait_finished(studio: Studio, run_id: int, timeout: float = 60.0) -> Run:
     return _wait(studio, run_id, lambda r: r.status.finished, timeout, "a final status")
 
 
@@ -165,9 +167,17 @@ def test_kill_9_is_noticed_and_resume_uses_the_last_checkpoint(studio: Studio) -
     _assert_nothing_active(studio)
 
 
-def test_failures_are_recorded_for_the_curator(studio: Studio) -> None:
+def test_failures_are_recorded_and_a_run_gets_one_worker(studio: Studio) -> None:
     bad = runs.submit(studio, TOY, _toy(10, "a", sleep=0.01, fail_at=3))
     unknown = runs.submit(studio, "eval:no-such-job", {"device": "b"})
+    # A second worker for a run that already has one (two clicks) leaves it alone.
+    taken = runs.create_run(studio, TOY, _toy(20, "c", sleep=0.01))
+    lock = runs.lock_path(studio.config.data_dir, f"run-{taken}", prefix="")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    held = open(lock, "a+")
+    fcntl.flock(held, fcntl.LOCK_EX)  # as the first worker does
+    cmd = [sys.executable, "-m", "studio.worker", str(taken), "--data-dir", str(studio.config.data_dir)]
+    second = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     run = _wait_finished(studio, bad)
     assert run.status == RunStatus.FAILED
     assert run.error.startswith("ValueError: toy failure at step 3")
@@ -176,26 +186,36 @@ def test_failures_are_recorded_for_the_curator(studio: Studio) -> None:
     assert _losses(studio, bad) == [1, 2]  # the curve up to the failure is kept
     run = _wait_finished(studio, unknown)
     assert run.status == RunStatus.FAILED and "no job for runs of kind 'eval:no-such-job'" in run.error
+
+    assert second.wait(timeout=30) == 1 and "already has a worker" in second.stderr.read()
+    held.close()
+    run = _row(studio, taken)
+    assert (run.status, run.pid, run.started_at) == (RunStatus.QUEUED, None, None)
+    assert runs.request_stop(studio, taken) == RunStatus.STOPPED
     _assert_nothing_active(studio)
 
 
-def test_one_run_per_device_in_creation_order(studio: Studio) -> None:
-    first = runs.submit(studio, TOY, _toy(60, "gpu", sleep=0.03))
+def test_one_run_per_device_in_creation_order(studio: Studio, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    first = runs.submit(studio, TOY, _toy(10, "gpu", sleep=0.01, gate=str(gate)))
     second, third, fourth = (runs.create_run(studio, TOY, _toy(5, "gpu", sleep=0.01)) for _ in range(3))
     for rid in (fourth, third, second):  # launched newest first: still served oldest first
         runs.launch(studio, rid)
     with pytest.raises(runs.RunError, match="already has a worker"):
         runs.launch(studio, first)
+    _wait(studio, first, lambda r: r.status == RunStatus.RUNNING, what="running")
     run = _wait(studio, second, lambda r: r.metrics.get("waiting_for") == f"run {first}", what="waiting")
     assert run.status == RunStatus.QUEUED and runs.run_status(studio, second).waiting_for == f"run {first}"
+    _wait(studio, third, lambda r: "waiting_for" in r.metrics, what="waiting")
     _wait(studio, fourth, lambda r: "waiting_for" in r.metrics, what="waiting")
     assert runs.request_stop(studio, fourth) == RunStatus.STOPPING  # stop it while it waits
+    gate.touch()
 
     done = [_wait_finished(studio, rid) for rid in (first, second, third, fourth)]
     assert [r.status for r in done] == [RunStatus.SUCCEEDED] * 3 + [RunStatus.STOPPED]
     spans = [(r.metrics["t_start"], r.metrics["t_end"]) for r in done[:3]]
     assert spans[0][1] <= spans[1][0] and spans[1][1] <= spans[2][0], spans  # never overlapping
-    assert done[3].started_at is None and "t_start" not in done[3].metrics  # never ran
+    assert done[3].started_at is None and done[3].metrics == {}  # never ran; queue note cleared
     _assert_nothing_active(studio)
 
 

@@ -4,7 +4,8 @@
 (written atomically) every config["every"] steps and when stopped; it resumes from its checkpoint
 and returns when it started and ended (wall clock), so tests can check runs never overlap.
 Test hooks: "fail_at" raises at that step, "samples_at" reports a sample grid, "hang_at" blocks
-(on a fresh start only) after that step's progress reached the DB, for a deterministic kill -9.
+(on a fresh start only) after that step's progress reached the DB, for a deterministic kill -9;
+"gate" (a path) holds step 1 until that file exists.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def count(ctx: RunContext) -> dict:
     for step in range(start + 1, n + 1):
         if step == cfg.get("fail_at"):
             raise ValueError(f"toy failure at step {step}")
+        while step == 1 and cfg.get("gate") and not Path(cfg["gate"]).exists():
+            time.sleep(0.02)  # held until the test opens the gate
         time.sleep(sleep)
         ctx.reporter.progress(step, n, {"loss": 1.0 / step, "twice": 2.0 * step})
         if step == cfg.get("samples_at"):

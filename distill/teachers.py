@@ -19,6 +19,7 @@ from skimage.metrics import structural_similarity
 
 from .backbones import adapters
 from .backbones.base import Backbone
+from .effectbench.bench import ground_truth
 from .effectbench.effects import Effect, get_effect
 from .effectbench.scenes import Scene
 from .images import psnr, resize, to_numpy, to_tensor
@@ -134,7 +135,7 @@ def evaluate_edits(
 
 def ground_truths(effect: Effect, sources: Sequence[Scene]) -> torch.Tensor:
     """The effect's exact outputs on the scenes, as (B, 3, H, W) in [-1, 1] at the scenes' size."""
-    return to_tensor([effect.fn(sc.image, sc.mask) for sc in sources])
+    return to_tensor([ground_truth(effect, sc) for sc in sources])
 
 
 def evaluate_teacher(

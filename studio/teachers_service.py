@@ -24,9 +24,13 @@ from distill.backbones.base import Backbone
 from distill.backbones.lora_formats import LoraFormatError
 from distill.backbones.registry import load_backbone
 from distill.callbacks import Reporter
+from distill.effectbench.bench import test_sources
+from distill.effectbench.effects import EFFECT_NAMES
+from distill.effectbench.effects import get_effect as get_bench_effect
+from distill.effectbench.scenes import CATEGORIES
 from distill.images import resize, to_tensor
 from distill.lora_training import LoraTrainConfig, TrainPair, TrainResult, train_lora
-from distill.teachers import TEACHER_CFG, TEACHER_STEPS, TeacherEval, evaluate_edits
+from distill.teachers import TEACHER_CFG, TEACHER_STEPS, TeacherEval, evaluate_edits, ground_truths
 from storage import Effect, Evaluation, LoraFile, LoraKind, Prompt, RunKind, TeacherSource
 
 from . import library
@@ -313,17 +317,10 @@ def _bench_sources(
     effect_name: str, n_per_category: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Test sources and exact ground truth where the effect is an EffectBench-mini effect."""
-    from distill.effectbench.effects import EFFECT_NAMES, get_effect
-
     if effect_name not in EFFECT_NAMES:
         return None
-    from distill.effectbench.bench import test_sources
-
-    from distill.effectbench.scenes import CATEGORIES
-    from distill.teachers import ground_truths
-
     scenes = [sc for cat in CATEGORIES for sc in test_sources(cat, n_per_category, seed)]
-    return to_tensor([sc.image for sc in scenes]), ground_truths(get_effect(effect_name), scenes)
+    return to_tensor([sc.image for sc in scenes]), ground_truths(get_bench_effect(effect_name), scenes)
 
 
 def evaluate(

@@ -308,6 +308,7 @@ def test_training_needs_a_prompt_and_pairs(studio: Studio, tmp_path: Path) -> No
         teachers_service.evaluate(studio, "invert", backbone=tiny())
 
 
+@pytest.mark.slow  # a worker process imports torch + diffusers: ~20 s on 2 idle cores
 def test_background_run_trains_and_registers(studio: Studio, tmp_path: Path, monkeypatch) -> None:
     from studio import runs
 

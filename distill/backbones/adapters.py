@@ -513,7 +513,8 @@ def load_lora(
             key = f"{PREFIX}{m}.{part}.weight"
             sd[key] = lora.state_dict[key].to(device=w.device, dtype=w.dtype)
 
-    with _keeping_state(transformer):
+    with _keeping_state(transformer), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         transformer.load_lora_adapter(
             sd, prefix="transformer", adapter_name=name, metadata=config, low_cpu_mem_usage=True
         )

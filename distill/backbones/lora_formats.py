@@ -107,14 +107,39 @@ def to_diffusers(state_dict: Mapping[str, torch.Tensor], fmt: str | None = None)
     stripped = {_strip_wrappers(k): k for k in state_dict if is_lora_key(k)}
     matrices = [k for k in stripped if not k.endswith(_ALPHA)]
 
-    # Let diffusers map the names: feed it scalar placeholders that carry each key's index (no alpha
-    # keys, so its alpha scale is exactly 1) and read back which output key each index landed on.
-    placeholders = {k: torch.tensor([float(i)]) for i, k in enumerate(matrices)}
-    try:
-        converted = _convert_non_diffusers_qwen_lora_to_diffusers(placeholders)
-    except (KeyError, ValueError) as e:
-        raise LoraFormatError(f"The LoRA is incomplete: {_unpaired(matrices) or e}.") from e
-    out_key = {matrices[int(v.item())]: k for k, v in converted.items()}
+    # Let diffusers map the names, one layer at a time: feed it scalar placeholders that carry each
+    # key's index (no alpha keys, so its alpha scale is exactly 1) and read back where each landed.
+    groups: dict[str, list[str]] = {}
+    for k in matrices:
+        groups.setdefault(k[: -len(_suffix(k))], []).append(k)
+    out_key: dict[str, str] = {}  # input key (stripped) -> diffusers key
+    claimed: dict[str, list[str]] = {}  # diffusers module path -> input stems mapped onto it
+    for stem, keys in groups.items():
+        kinds = {"down" if _suffix(k) in _DOWN else "up" for k in keys}
+        if len(keys) > 2:
+            raise LoraFormatError(f"The LoRA has layer {stem} twice: {', '.join(stripped[k] for k in keys)}.")
+        if kinds != {"down", "up"}:
+            have = "down (lora_A/lora_down)" if "down" in kinds else "up (lora_B/lora_up)"
+            lack = "up (lora_B/lora_up)" if "down" in kinds else "down (lora_A/lora_down)"
+            raise LoraFormatError(
+                f"The LoRA is incomplete: layer {stem} has a {have} matrix but no {lack} matrix."
+            )
+        placeholders = {k: torch.tensor([float(i)]) for i, k in enumerate(keys)}
+        try:
+            converted = _convert_non_diffusers_qwen_lora_to_diffusers(placeholders)
+        except (KeyError, ValueError, IndexError) as e:
+            raise LoraFormatError(f"Cannot read the LoRA layer {stem}: {e}") from e
+        for k, v in converted.items():
+            out_key[keys[int(v.item())]] = k
+        claimed.setdefault(module_of(next(iter(converted))), []).append(stem)
+    # Names diffusers cannot map (another model's kohya keys) can collapse onto one module: drop those.
+    for stems in claimed.values():
+        if len(stems) > 1:
+            for stem in stems:
+                for k in groups[stem]:
+                    ignored.append(stripped[k])
+                    del out_key[k]
+    matrices = [k for k in matrices if k in out_key]
 
     weights = {out_key[k]: state_dict[stripped[k]] for k in matrices}
     sources: dict[str, list[str]] = {}
@@ -133,20 +158,6 @@ def to_diffusers(state_dict: Mapping[str, torch.Tensor], fmt: str | None = None)
         alphas[module] = float(state_dict[stripped[k]].float().reshape(-1)[0])
         sources[module].append(stripped[k])
     return DiffusersLora(weights, alphas, ignored, sources)
-
-
-def _unpaired(matrices: list[str]) -> str:
-    """Name a layer that has a down matrix without its up matrix or the reverse ('' if none)."""
-    by_module: dict[str, set[str]] = {}
-    for k in matrices:
-        suffix = _suffix(k)
-        by_module.setdefault(k[: -len(suffix)], set()).add("down" if suffix in _DOWN else "up")
-    for module, kinds in by_module.items():
-        if kinds != {"down", "up"}:
-            down, up = "down (lora_A/lora_down)", "up (lora_B/lora_up)"
-            have, lack = (down, up) if "down" in kinds else (up, down)
-            return f"layer {module} has a {have} matrix but no {lack} matrix"
-    return ""
 
 
 def to_kohya(

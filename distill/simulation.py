@@ -41,3 +41,16 @@ def target_simulation(
     """The student's denoising of the teacher target y diffused to ``s_gen`` (with grad)."""
     y_t = add_noise(y, eps, s_gen)
     return x0_from_velocity(y_t, s_gen, student(y_t, s_gen))
+
+
+def rollout_x0s(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The student's x0 estimate at every step of its sampler from ``noise`` (no grad), stacked
+    (steps, B, ...): entry k is what ``backward_simulation`` yields at exit step k."""
+    x, b, outs = noise, noise.shape[0], []
+    with torch.no_grad():
+        for i in range(len(sigmas) - 1):
+            s = sigmas[i].expand(b)
+            v = student(x, s)
+            outs.append(x0_from_velocity(x, s, v))
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return torch.stack(outs)

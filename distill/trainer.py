@@ -41,7 +41,7 @@ from .flow import add_noise, sample_timesteps, sigma_schedule
 from .images import to_pil
 from .objectives import VelocityFn, critic_loss, dmd_step, flow_matching_loss
 from .sampling import euler_sample, guided_velocity
-from .simulation import backward_simulation, target_simulation
+from .simulation import backward_simulation, rollout_x0s, target_simulation
 from .targets import EffectSpec, TargetCache
 
 STUDENT, FAKE = "student", "fake"
@@ -187,6 +187,7 @@ class CollectionDistiller:
         teacher = [e.teacher_adapter] if e.teacher_adapter else None
         return {
             "y": y.to(self.bb.device, self.bb.dtype),
+            "c_fake": c_student,  # the critic models the student's distribution under its own condition
             "student": self._velocity([STUDENT], c_student),
             "fake": self._velocity([FAKE], c_student),
             "real": self._velocity(teacher, c_teacher, uncond, self.cfg.teacher_cfg),
@@ -200,6 +201,7 @@ class CollectionDistiller:
         c = self._encode(instr, src)
         uncond = self._encode([self.bb.negative_prompt] * b, src)
         return {
+            "c_fake": c,
             "student": self._velocity([STUDENT], c),
             "fake": self._velocity([FAKE], c),
             "real": self._velocity(None, c, uncond, self.cfg.teacher_cfg),
@@ -211,21 +213,34 @@ class CollectionDistiller:
         return torch.randn(shape, generator=self.gen).to(self.bb.device, self.bb.dtype)
 
     # -- one update of each ------------------------------------------------------------------------
-    def critic_step(self) -> float:
+    def critic_pool(self) -> tuple[torch.Tensor, Condition]:
+        """Detached student samples for the critic updates that precede one generator update.
+
+        The student does not change between its updates (the 5:1 two-time-scale rule), so all of
+        those critic updates see one distribution; one no-grad rollout of the student's few-step
+        sampler gives its backward-simulation sample at every exit step at once (plus, on the
+        effect stream, target-simulation samples), and each critic update draws its batch from
+        that pool instead of re-running the sampler."""
         stream = self._route()
         batch = self._effect_batch(self._pick_effect()) if stream == "effect" else self._general_batch()
-        with torch.no_grad():
-            samples = [
-                backward_simulation(batch["student"], self._noise(batch), self.sigmas, self._exit_step())
-            ]
-            if stream == "effect" and self.cfg.target_simulation:
-                y = batch["y"]
+        xs = rollout_x0s(batch["student"], self._noise(batch), self.sigmas)
+        samples, conds = [xs.flatten(0, 1)], [Condition.cat([batch["c_fake"]] * len(xs))]
+        if stream == "effect" and self.cfg.target_simulation:
+            y = batch["y"]
+            with torch.no_grad():
                 s_gen = self._uniform(self.cfg.s_min, self.cfg.s_gen_max, len(y))
                 samples.append(target_simulation(batch["student"], y, s_gen, self._randn(y)))
-        loss = torch.zeros((), device=self.bb.device)
-        for x in samples:
-            s = self._uniform(self.cfg.s_min, self.cfg.s_max, len(x))
-            loss = loss + critic_loss(batch["fake"], x, s, self._randn(x)) / len(samples)
+            conds.append(batch["c_fake"])
+        return torch.cat(samples), Condition.cat(conds)
+
+    def critic_step(self, pool: torch.Tensor, pool_cond: Condition) -> float:
+        """One update of the fake score: flow matching on a batch of detached student samples."""
+        idx = torch.randint(0, len(pool), (self.cfg.batch,), generator=self.gen)
+        x = pool[idx]
+        s = self._uniform(self.cfg.s_min, self.cfg.s_max, len(x))
+        loss = critic_loss(
+            self._velocity([FAKE], pool_cond.select(idx.to(pool.device))), x, s, self._randn(x)
+        )
         self.opt_f.zero_grad(set_to_none=True)
         loss.backward()
         self._sync(self.fake_params)
@@ -305,7 +320,8 @@ class CollectionDistiller:
             if self.reporter.should_stop():
                 stopped = True
                 break
-            critic = [self.critic_step() for _ in range(cfg.critic_updates)]
+            pool = self.critic_pool()
+            critic = [self.critic_step(*pool) for _ in range(cfg.critic_updates)]
             metrics = self.generator_step()
             metrics["critic"] = sum(critic) / len(critic)
             self.step += 1

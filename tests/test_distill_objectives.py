@@ -88,3 +88,18 @@ def test_target_simulation_denoises_the_diffused_target() -> None:
     torch.testing.assert_close(target_simulation(perfect, y, s, eps), y)
     y_t = add_noise(y, eps, s)
     torch.testing.assert_close(target_simulation(lambda x, ss: torch.zeros_like(x), y, s, eps), y_t)
+
+
+def test_rollout_pool_holds_every_exit_of_backward_simulation() -> None:
+    from distill.simulation import rollout_x0s
+
+    sig = sigma_schedule(4, 64)
+    noise = torch.randn(2, 3, 4, 4)
+
+    def student(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return 0.3 * x + s.view(-1, 1, 1, 1)
+
+    pool = rollout_x0s(student, noise, sig)
+    assert pool.shape == (4, 2, 3, 4, 4)
+    for k in range(4):
+        torch.testing.assert_close(pool[k], backward_simulation(student, noise, sig, exit_step=k))

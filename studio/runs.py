@@ -40,8 +40,9 @@ from storage import Checkpoint, Run, RunKind, RunMetric, RunStatus, utcnow
 if TYPE_CHECKING:
     from .context import Studio
 
-# Modules that register job kinds when imported (see `register_kind`); a missing one is skipped.
-JOB_MODULES = ["studio.jobs"]
+# Modules that register job kinds when imported (see `register_kind`), tried in order until the
+# run's kind is registered; a missing one is skipped.
+JOB_MODULES = ["studio.jobs", "studio.jobs_teacher"]
 # Comma-separated extra job modules the worker also imports (tests use it for toy jobs).
 EXTRA_JOB_MODULES_ENV = "STUDIO_EXTRA_JOB_MODULES"
 # A job variant ("eval:toy-count") is stored as its base kind plus this config key.

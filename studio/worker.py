@@ -399,7 +399,7 @@ class Worker:
         with self.studio.session() as s:
             s.execute(q.values(**values))
         self._done = True
-        print(f"worker: run {self.run_id} is {outcome.status.value}", flush=True)
+        print(f"worker: run {self.run_id} ended: {outcome.status.value}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

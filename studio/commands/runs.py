@@ -83,7 +83,7 @@ def cmd_stop(args: argparse.Namespace, studio: Studio) -> None:
     if status == "stopping":
         print(f"run {args.run_id}: stop requested; it saves a checkpoint and stops within seconds")
     else:
-        print(f"run {args.run_id} is {status}")
+        print(f"run {args.run_id}: {status}")
 
 
 def cmd_resume(args: argparse.Namespace, studio: Studio) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -276,8 +277,6 @@ def test_write_bench_layout_manifest_and_resume(tmp_path):
 
     # resume: complete folders are kept as they are; a missing one and a crashed tmp are redone
     kept = (tmp_path / "sepia" / "target" / "0003.png").stat().st_mtime_ns
-    import shutil
-
     shutil.rmtree(tmp_path / "bg_sky")
     (tmp_path / ".tmp-bg_sky-123" / "source").mkdir(parents=True)
     again = write_bench(tmp_path, spec)
@@ -285,6 +284,15 @@ def test_write_bench_layout_manifest_and_resume(tmp_path):
     assert (tmp_path / "sepia" / "target" / "0003.png").stat().st_mtime_ns == kept
     assert len(list((tmp_path / "bg_sky" / "target").glob("*.png"))) == 20
     assert not list(tmp_path.glob(".tmp-*"))
+
+    # an effect whose procedure changed since (other fingerprint) is rewritten, the others kept
+    stale = json.loads((tmp_path / "manifest.json").read_text())
+    stale["effects"][1]["fingerprint"] = "0" * 16
+    (tmp_path / "manifest.json").write_text(json.dumps(stale))
+    redo = (tmp_path / names[1] / "target" / "0003.png").stat().st_mtime_ns
+    assert write_bench(tmp_path, spec) == manifest
+    assert (tmp_path / names[1] / "target" / "0003.png").stat().st_mtime_ns != redo
+    assert (tmp_path / "sepia" / "target" / "0003.png").stat().st_mtime_ns == kept
 
     with pytest.raises(ValueError, match="other settings"):
         write_bench(tmp_path, BenchSpec(n_train_pairs=3, n_test_per_category=6, effects=names))

@@ -18,6 +18,7 @@ renamed into place, so a folder that exists is complete; rerunning resumes, skip
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -94,6 +95,7 @@ class EffectEntry(TypedDict):
     split: str  # "main" | "extension"
     dir: str  # the pair-set folder, relative to the bench root
     teacher_prompt_file: str
+    fingerprint: str  # of the effect's output on a probe scene: changes when the procedure does
     sources: list[str]  # relative to the bench root
     targets: list[str]
     seeds: list[int]
@@ -182,6 +184,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def effect_fingerprint(effect: Effect | str, size: int = 64) -> str:
+    """A short hash of the effect's 8-bit output on a fixed probe scene. A resumed write compares
+    it with the manifest's, so folders written by an older version of an effect are redone."""
+    e = get_effect(effect) if isinstance(effect, str) else effect
+    probe = make_scene("portrait", 0, size)
+    out = (np.clip(e.fn(probe.image, probe.mask), 0, 1) * 255 + 0.5).astype(np.uint8)
+    return hashlib.sha256(out.tobytes()).hexdigest()[:16]
+
+
 def _effect_entry(name: str, spec: BenchSpec) -> EffectEntry:
     e = get_effect(name)
     files = [_png(i) for i in range(spec.n_train_pairs)]
@@ -193,6 +204,7 @@ def _effect_entry(name: str, spec: BenchSpec) -> EffectEntry:
         split=split_of(e),
         dir=e.name,
         teacher_prompt_file=f"{PROMPTS_DIR}/{e.name}.txt",
+        fingerprint=effect_fingerprint(e, spec.size),
         sources=[f"{e.name}/source/{f}" for f in files],
         targets=[f"{e.name}/target/{f}" for f in files],
         seeds=[train_seed(e, i, spec.seed) for i in range(spec.n_train_pairs)],
@@ -263,11 +275,13 @@ def write_bench(
 ) -> BenchManifest:
     """Write the bench under ``out_dir`` (created if needed) and return its manifest.
 
-    Resumes: folders already complete are kept. A folder holding a bench written with a
+    Resumes: complete folders written by the same version of their effect (same fingerprint)
+    are kept. A folder holding a bench written with a
     different spec is refused rather than mixed. ``progress(done, total)`` counts effect and
     test-category folders."""
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
+    manifest = _manifest(spec, complete=True)
     if (root / MANIFEST).exists():
         old = load_manifest(root)
         if old["spec"] != spec.to_dict():
@@ -275,9 +289,13 @@ def write_bench(
                 f"{root} already holds a bench written with other settings ({old['spec']}); "
                 "write to an empty folder or delete this one first."
             )
+        now = {e["name"]: e["fingerprint"] for e in manifest["effects"]}
+        for e in old["effects"]:
+            if e.get("fingerprint") != now[e["name"]]:  # the effect changed since: redo it
+                shutil.rmtree(root / e["dir"], ignore_errors=True)
     for stale in list(root.glob(".tmp-*")) + list((root / TEST_DIR).glob(".tmp-*")):
         shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
-    _atomic_write_text(root / MANIFEST, json.dumps(_manifest(spec, complete=False), indent=1))
+    _atomic_write_text(root / MANIFEST, json.dumps({**manifest, "complete": False}, indent=1))
     (root / PROMPTS_DIR).mkdir(exist_ok=True)
     (root / TEST_DIR).mkdir(exist_ok=True)
     total = len(spec.effects) + len(CATEGORIES)
@@ -293,7 +311,6 @@ def write_bench(
         done += 1
         if progress:
             progress(done, total)
-    manifest = _manifest(spec, complete=True)
     _atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from .base import ImagePair, PromptWriter, StudentPrompt, student_condition
 from .describer import describe_effect, describe_instruction
+from .embedding import embedder_for, mean_pool
 from .triggers import (
     DEFAULT_THRESHOLD,
     TriggerAssignment,
@@ -74,7 +75,9 @@ __all__ = [
     "cosine_matrix",
     "describe_effect",
     "describe_instruction",
+    "embedder_for",
     "make_trigger",
     "make_writer",
+    "mean_pool",
     "student_condition",
 ]

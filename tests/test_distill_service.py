@@ -104,6 +104,15 @@ def submitted(monkeypatch) -> list[int]:
     return ids
 
 
+class StopAfter(runs.DbReporter):
+    def __init__(self, studio: Studio, run_id: int, steps: int):
+        super().__init__(studio, run_id, flush_interval_s=0)
+        self.stop_at = steps
+
+    def should_stop(self) -> bool:
+        return self.step >= self.stop_at
+
+
 def _context(studio: Studio, run_id: int) -> runs.RunContext:
     with studio.session() as s:
         config = runs.job_config(s.get(runs.Run, run_id))
@@ -153,9 +162,18 @@ def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitt
     assert config["distill"]["student_lora"]["rank"] == 4 and config["distill"]["student_lora"]["alpha"] == 16
     assert config["plans"][0]["trigger"] == "<warm_Xq1>"
 
-    metrics = jobs_distill.run_distill(_context(studio, run_id))
+    # stopped after step 1: a checkpoint, no student yet; resumed: finishes and registers the student
+    ctx = _context(studio, run_id)
+    ctx.reporter = StopAfter(studio, run_id, 1)
+    metrics = jobs_distill.run_distill(ctx)
+    assert metrics["stopped"] and metrics["steps"] == 1 and "lora_file_id" not in metrics
+    assert distill_service.student_lora(studio, run_id) is None
+    ctx = _context(studio, run_id)
+    ctx.resume_from = runs.last_checkpoint(studio, run_id).path
+    assert ctx.resume_from.name == "step-000001"
+    metrics = jobs_distill.run_distill(ctx)
     lora = distill_service.student_lora(studio, run_id)
-    assert metrics["steps"] == 2 and metrics["lora_file_id"] == lora.id
+    assert metrics["steps"] == 2 and not metrics["stopped"] and metrics["lora_file_id"] == lora.id
     assert (lora.kind, lora.rank, lora.alpha, lora.format, lora.backbone) == (
         LoraKind.STUDENT,
         4,

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 # Modules that register job kinds when imported (see `register_kind`), tried in order until the
 # run's kind is registered; a missing one is skipped.
-JOB_MODULES = ["studio.jobs", "studio.jobs_teacher"]
+JOB_MODULES = ["studio.jobs"]
 # Comma-separated extra job modules the worker also imports (tests use it for toy jobs).
 EXTRA_JOB_MODULES_ENV = "STUDIO_EXTRA_JOB_MODULES"
 # A job variant ("eval:toy-count") is stored as its base kind plus this config key.

@@ -23,8 +23,8 @@ def run_distill(ctx: RunContext) -> dict[str, Any]:
         device=ctx.device,
     )
     r = out.result
+    # the last losses are already in the run's metrics (the reporter wrote them)
     metrics: dict[str, Any] = {"steps": r.steps, "stopped": r.stopped, "seconds": round(r.seconds, 1)}
-    metrics.update({f"final_{k}": v for k, v in r.metrics.items()})
     if out.lora is not None:
         metrics["lora_file_id"] = out.lora.id
     return metrics

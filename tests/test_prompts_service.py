@@ -414,8 +414,6 @@ def _cli(data_dir: Path, *argv: str) -> tuple[int, str, str]:
 
 
 def test_cli_generate_show_set_matrix(studio: Studio, data_dir: Path, monkeypatch) -> None:
-    if "prompts" not in cli.COMMAND_MODULES:  # until studio/cli.py registers the group
-        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "prompts"])
     monkeypatch.setenv(ps.ENV_RANDOM_BACKBONE, "1")
     for var in (ps.ENV_BASE_URL, ps.ENV_MODEL, ps.ENV_LOCAL_DIR):
         monkeypatch.delenv(var, raising=False)

@@ -108,6 +108,9 @@ class _State:
     layers_key: tuple[str, ...] = ()  # the adapter names they were cached for
     trainable: frozenset[str] = frozenset()
     weights: dict[str, float] = field(default_factory=dict)  # scale last written per adapter (default 1)
+    scales: dict[str, list[tuple[dict, float]]] = field(
+        default_factory=dict
+    )  # name -> (layer.scaling, alpha/r)
     fused: tuple[tuple[str, ...], tuple[float, ...]] | None = None
 
 
@@ -134,6 +137,7 @@ def _layers(transformer: nn.Module) -> tuple[BaseTunerLayer, ...]:
                 "This peft version stores active adapters differently; update adapters.activate."
             )
         state.layers, state.layers_key = layers, key
+        state.scales.clear()
     return state.layers
 
 
@@ -249,10 +253,24 @@ def activate(transformer: nn.Module, names: Names, weights: Sequence[float] | No
         attrs["_disable_adapters"] = disable
         if not disable:
             attrs["_active_adapter"] = names
-            for n, w in changed:
-                layer.set_scale(n, w)  # scale = w * alpha / r, per layer (ignores layers without n)
     for n, w in changed:
+        for scaling, unit in _unit_scales(transformer, n):
+            scaling[n] = w * unit
         state.weights[n] = w
+
+
+def _unit_scales(transformer: nn.Module, name: str) -> list[tuple[dict, float]]:
+    """Each layer's ``scaling`` dict with the adapter's scale at weight 1 (alpha / r, as PEFT computes it)."""
+    state = _state(transformer)
+    layers = _layers(transformer)
+    if name not in state.scales:
+        pairs = []
+        for layer in layers:
+            if name in getattr(layer, "scaling", {}):
+                layer.set_scale(name, 1.0)
+                pairs.append((layer.scaling, layer.scaling[name]))
+        state.scales[name] = pairs
+    return state.scales[name]
 
 
 def active(transformer: nn.Module) -> tuple[list[str], list[float]]:

@@ -95,12 +95,27 @@ def main(argv: list[str] | None = None) -> None:
         )
         rows.append(row)
         print(row, flush=True)
+        write(args.out, header, rows, cfg, len(scenes), args, argv, "")  # partial results survive a stop
 
     summary = (
         f"\n{len(rows)} effects; teacher - base PSNR: mean {np.mean(gains):+.2f} dB, min {np.min(gains):+.2f} dB; "
         f"train time per teacher: mean {np.mean(train_times):.0f} s, max {np.max(train_times):.0f} s."
     )
     print(summary)
+    write(args.out, header, rows, cfg, len(scenes), args, argv, summary)
+    print(f"written to {args.out}")
+
+
+def write(
+    out: Path,
+    header: str,
+    rows: list[str],
+    cfg: LoraTrainConfig,
+    n_scenes: int,
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    summary: str,
+) -> None:
     command = "OMP_NUM_THREADS=1 python bench/teachers.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
@@ -109,15 +124,14 @@ def main(argv: list[str] | None = None) -> None:
         "# Teacher LoRAs on the tiny backbone (EffectBench-mini)\n\n"
         f"`{command.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{torch.get_num_threads()} torch thread)\n\n"
-        f"Training: {spec.n_train_pairs} pairs per effect, tiny preset ({recipe}).\n"
-        f"Evaluation: {len(scenes)} held-out test sources ({args.n_test} per category), 40 Euler steps, "
+        f"Training: {BenchSpec().n_train_pairs} pairs per effect, tiny preset ({recipe}).\n"
+        f"Evaluation: {n_scenes} held-out test sources ({args.n_test} per category), 40 Euler steps, "
         "true CFG 4.0, PSNR/SSIM to the exact ground truth at 32 px. Base = the pretrained model with the "
         "same teacher prompt and noise, no LoRA; source = the untouched input as the output.\n\n"
-        f"{header}\n" + "\n".join(rows) + "\n" + summary + "\n"
+        f"{header}\n" + "\n".join(rows) + "\n" + (summary or "\n(partial: still running)") + "\n"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"written to {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from distill.lora_training import (
     latest_checkpoint,
     train_lora,
 )
-from distill.teachers import evaluate_teacher, ground_truths, score
+from distill.teachers import evaluate_teacher, generate, ground_truths, score
 from storage import LoraFile, LoraKind
 from studio import cli, library, teachers_service
 from studio.config import StudioConfig
@@ -113,6 +113,11 @@ def test_loss_goes_down_and_only_the_adapter_trains() -> None:
         if n in base_before:
             assert torch.equal(p, base_before[n]), n
     assert np.mean(res.losses[-5:]) < np.mean(res.losses[:5])
+    # sampling with the teacher differs from the base model (the adapter is really switched on)
+    src = torch.stack([p[0] for p in pairs])
+    with_lora, _, nfe = generate(bb, "inv", "Invert the colours.", src, steps=2)
+    without, _, _ = generate(bb, None, "Invert the colours.", src, steps=2)
+    assert nfe == 4 and (with_lora - without).abs().max() > 0.05
 
 
 def test_resume_continues_the_same_trajectory(tmp_path: Path) -> None:

@@ -131,7 +131,7 @@ class _Editor:
     def _instruction(self, text: str) -> Plan:
         raise NotImplementedError
 
-    def _prepare(self, loras: tuple[str, ...]) -> tuple[float, int]:
+    def prepare(self, loras: tuple[str, ...]) -> tuple[float, int]:
         """Make ``loras`` active; returns (seconds spent loading, switches)."""
         return 0.0, 0
 
@@ -184,7 +184,7 @@ class _Editor:
         if not (len(images) == len(prompts) == len(seeds)):
             raise ValueError("images, prompts and seeds must have the same length")
         t0 = time.perf_counter()
-        load_seconds, switches = self._prepare(tuple(loras))
+        load_seconds, switches = self.prepare(tuple(loras))
         bb = self.backbone
         src = torch.cat([bb.prepare_images(to_tensor([im.convert("RGB")])) for im in images])
         with torch.no_grad():
@@ -476,7 +476,7 @@ class LoraBankEditor(_Editor):
         name = self.router.route(text)
         return Plan(self.bank[name].teacher_prompt, "instruction", (name,), routed=name)
 
-    def _prepare(self, loras: tuple[str, ...]) -> tuple[float, int]:
+    def prepare(self, loras: tuple[str, ...]) -> tuple[float, int]:
         if not loras:
             raise ServingError("A LoRA bank request needs an effect (or an instruction to route).")
         tr = self.backbone.transformer

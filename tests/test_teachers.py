@@ -299,8 +299,12 @@ def test_train_eval_list_via_cli(studio: Studio, monkeypatch, tmp_path: Path) ->
     )
     assert code == 0 and "kohya layout, rank 4" in out
     assert library.get_effect(studio, "invert").teacher_prompt == "Negative."
-    code, _ = _cli(monkeypatch, "teacher", "train-all")
-    assert code == 0  # nothing left to train
+    library.import_pairset(studio, "invert2", _pair_folder(tmp_path / "p2", 2), teacher_prompt="Negative.")
+    code, out = _cli(monkeypatch, "teacher", "train-all", "--steps", "2", "--rank", "4")
+    assert code == 0 and "1 effects without a teacher: invert2" in out and "'invert2' trained: 2 steps" in out
+    assert teachers_service.effects_without_teacher(studio) == []
+    code, out = _cli(monkeypatch, "teacher", "train-all")
+    assert code == 0 and "every effect has a teacher" in out
     code, _ = _cli(monkeypatch, "teacher", "import", "invert", str(tmp_path / "none.safetensors"))
     assert code == 2
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import QwenImagePipeline
@@ -134,6 +136,19 @@ def test_diffusers_pipeline_files_load_both_ways(source, inputs, tmp_path):
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_rslora_metadata_is_converted_to_plain_alpha(source, inputs, tmp_path):
+    """rsLoRA scales by alpha / sqrt(r): alpha 4 at rank 4 is the plain alpha 8 of ``source``."""
+    config = {"transformer.r": 4, "transformer.lora_alpha": 4, "transformer.use_rslora": True}
+    save_file(
+        A.lora_state_dict(source.transformer, "student"),
+        tmp_path / "rs.safetensors",
+        metadata={"lora_adapter_metadata": json.dumps(config)},
+    )
+    report, out = load_and_run(tmp_path / "rs.safetensors", inputs)
+    assert report.alpha == 8.0
+    assert torch.equal(out, run(source, inputs, "student"))
+
+
 def test_ai_toolkit_layout_loads(inputs):
     source = trained(rank=4, alpha=4.0)  # ai-toolkit files carry no alpha: alpha = rank
     sd = {
@@ -161,7 +176,7 @@ def test_lightx2v_layout_loads(source, inputs, tmp_path, prefix):
     assert torch.equal(out, run(source, inputs, "student"))
 
 
-def test_peft_default_keys_and_mixed_ranks_load(inputs):
+def test_peft_default_keys_and_mixed_ranks_load(inputs, tmp_path):
     source = trained(rank=4, alpha=8.0)
     plain = A.lora_state_dict(source.transformer, "student")
     # one layer with another rank, as a hand-made or pruned LoRA might have
@@ -190,6 +205,12 @@ def test_peft_default_keys_and_mixed_ranks_load(inputs):
     _, out_padded = load_and_run(padded, inputs, alpha=8.0)
     torch.testing.assert_close(out, out_padded, atol=1e-6, rtol=0)
     assert (out - run(source, inputs, "student")).abs().max() > 1e-4
+
+    # per-layer rank and alpha survive a save and reload in both layouts
+    for fmt in ("diffusers", "kohya"):
+        path = A.save_lora(ed.transformer, "mixed", tmp_path / f"mixed_{fmt}.safetensors", fmt=fmt)
+        _, again = load_and_run(path, inputs)
+        assert torch.equal(again, out)
 
 
 def test_detect_format_and_key_conversion():

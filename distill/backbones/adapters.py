@@ -18,6 +18,7 @@ File reading/writing lives here too (``save_lora``/``load_lora``); the key layou
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -415,8 +416,9 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     return tensors, metadata
 
 
-def _file_alphas(metadata: dict[str, str], modules: Iterable[str]) -> dict[str, float]:
-    """Per-module alpha from diffusers' ``lora_adapter_metadata`` (a LoraConfig), if the file has one."""
+def _file_alphas(metadata: dict[str, str], ranks: dict[str, int]) -> dict[str, float]:
+    """Per-module alpha from diffusers' ``lora_adapter_metadata`` (a LoraConfig), if the file has one;
+    rsLoRA alphas (scale alpha / sqrt(r)) are turned into plain ones (scale alpha / r)."""
     raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
     if not raw:
         return {}
@@ -427,9 +429,11 @@ def _file_alphas(metadata: dict[str, str], modules: Iterable[str]) -> dict[str, 
         return {}
     patterns = config.get("alpha_pattern") or {}
     out = {}
-    for module in modules:
+    for module, rank in ranks.items():
         match = next((p for p in patterns if re.match(rf"(.*\.)?({p})$", module)), None)
         out[module] = float(patterns[match]) if match else base
+        if config.get("use_rslora"):
+            out[module] *= math.sqrt(rank)
     return out
 
 
@@ -502,7 +506,7 @@ def load_lora(
             "or model size?"
         )
 
-    from_meta = _file_alphas(file_meta, matched)
+    from_meta = _file_alphas(file_meta, ranks)
     alphas = {
         m: lora.alphas.get(m, from_meta.get(m, alpha if alpha is not None else ranks[m])) for m in matched
     }

@@ -338,3 +338,24 @@ def test_load_refuses_taken_name_and_keeps_state(source, inputs):
     assert trainable == {"student"}
     with pytest.raises(ValueError, match="already exists"):
         A.load_lora(ed.transformer, sd, "teacher_0")
+
+
+def test_valid_file_whose_header_length_looks_like_a_pickle_loads(tmp_path) -> None:
+    """A safetensors file starts with its header length: a length ending in 0x80 (or "PK") is valid."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    from distill.backbones.adapters import read_lora_file
+
+    t = {"transformer.x.lora_A.weight": torch.zeros(2, 4)}
+    for pad in range(0, 400):
+        f = tmp_path / "probe.safetensors"
+        save_file(t, str(f), metadata={"pad": "x" * pad})
+        if f.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        raise AssertionError("no padding gave a 0x80 first byte")
+    assert struct.unpack("<Q", f.read_bytes()[:8])[0] % 256 == 0x80
+    tensors, meta = read_lora_file(f)
+    assert set(tensors) == set(t) and meta["pad"] == "x" * pad

@@ -400,15 +400,17 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         raise LoraFormatError(refused)
     if not path.is_file():
         raise LoraFormatError(f"LoRA file not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head == b"PK" or head[:1] == b"\x80":  # a torch.save zip or a bare pickle under another name
-        raise LoraFormatError(refused)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        # Only a file safetensors cannot read is checked for pickle signatures: a valid header
+        # length can start with the same bytes as a torch.save zip ("PK") or a pickle (0x80).
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if head == b"PK" or head[:1] == b"\x80":
+            raise LoraFormatError(refused) from e
         raise LoraFormatError(
             f"{path.name} is not a readable .safetensors file; it may be truncated (an interrupted download "
             f"or copy) or not a safetensors file at all. Details: {e}"

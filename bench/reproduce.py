@@ -260,6 +260,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     ap.add_argument("--tag", default=None)
+    ap.add_argument(
+        "--teachers-only",
+        default=None,
+        metavar="I/N",
+        help="only train shard I of N of the teachers (run N of these in parallel first)",
+    )
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     q = args.quick
@@ -275,6 +281,10 @@ def main() -> None:
     names = [e.name for e in MAIN_BENCH[: args.effects]]
     t_start = time.time()
 
+    if args.teachers_only:
+        i, n = (int(x) for x in args.teachers_only.split("/"))
+        train_teachers(s, names[i::n], args.teacher_steps)
+        return
     secs = train_teachers(s, names, args.teacher_steps)
     prompts = student_prompts(s, names)
     dcfg = dict(steps=args.distill_steps) if args.distill_steps else {}

@@ -233,3 +233,15 @@ def test_registry_loads_tiny(tmp_path):
     assert isinstance(bb, TinyEditor) and bb.config.num_layers == 1
     with pytest.raises(ValueError, match="float32"):
         load_backbone("tiny", str(tmp_path), dtype=torch.bfloat16)
+
+
+def test_without_text_encoder_uses_given_embeddings(components, sizes):
+    full = QwenImageEditBackbone.from_components(**components, image_size=IMAGE_SIZE, device="cpu")
+    cond = full.encode_prompt(["Make it red."], smooth_images(1))
+    parts = {**components, "text_encoder": None, "tokenizer": None, "processor": None}
+    bare = QwenImageEditBackbone.from_components(**parts, image_size=IMAGE_SIZE, device="cpu")
+    x, s = torch.randn(1, 4, LATENT, LATENT), torch.tensor([0.4])
+    with torch.no_grad():
+        torch.testing.assert_close(bare.predict_velocity(x, s, cond), full.predict_velocity(x, s, cond))
+    with pytest.raises(RuntimeError, match="without its text encoder"):
+        bare.encode_prompt(["Make it red."], smooth_images(1))

@@ -118,7 +118,10 @@ class QwenImageEditBackbone(Backbone):
         scheduler,
         **kwargs,
     ) -> QwenImageEditBackbone:
-        """From already built components; ``kwargs`` as ``__init__`` (image_size, device, ...)."""
+        """From already built components; ``kwargs`` as ``__init__`` (image_size, device, ...).
+
+        ``text_encoder``, ``tokenizer`` and ``processor`` may be None (a transformer + VAE backbone for
+        precomputed prompt embeddings, e.g. the GPU benchmark); ``encode_prompt`` then says so."""
         pipe = QwenImageEditPlusPipeline(
             scheduler=scheduler,
             vae=vae,
@@ -158,8 +161,9 @@ class QwenImageEditBackbone(Backbone):
 
     def freeze(self) -> None:
         for module in (self.pipe.transformer, self.pipe.text_encoder, self.pipe.vae):
-            module.requires_grad_(False)
-            module.eval()
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
 
     # components ----------------------------------------------------------------------------------
     @property
@@ -196,6 +200,11 @@ class QwenImageEditBackbone(Backbone):
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], source_images: torch.Tensor) -> Condition:
+        if self.pipe.text_encoder is None or self.pipe.processor is None:
+            raise RuntimeError(
+                "This Qwen-Image-Edit backbone was built without its text encoder; it can only use "
+                "prompt embeddings computed elsewhere."
+            )
         if len(prompts) != source_images.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {source_images.shape[0]} source images")
         h, w = source_images.shape[-2:]

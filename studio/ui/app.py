@@ -6,6 +6,7 @@ Each tab is a module under ``studio/ui/`` with ``build(studio, app)``, called in
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Callable
@@ -15,15 +16,46 @@ from starlette.middleware import Middleware
 
 from ..config import StudioConfig
 from ..context import Studio
-from . import effects_tab
+from . import (
+    deploy_tab,
+    distill_tab,
+    effects_tab,
+    evaluate_tab,
+    preview_tab,
+    prompts_tab,
+    runs_view,
+    teachers_tab,
+)
 from .access import Access, AccessError, TokenCookieMiddleware, is_loopback, token_dependency
 
 log = logging.getLogger(__name__)
 
 TabBuilder = Callable[[Studio, gr.Blocks], None]
 
+
+def _optional_tab(module: str) -> TabBuilder | None:
+    """A tab module written separately (e.g. the user study), when it is present."""
+    try:
+        return importlib.import_module(f"{__package__}.{module}").build
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.{module}":
+            raise
+        return None
+
+
 TABS: list[tuple[str, TabBuilder]] = [
-    ("Effects", effects_tab.build),
+    (title, builder)
+    for title, builder in [
+        ("Effects", effects_tab.build),
+        ("Teachers", teachers_tab.build),
+        ("Prompts", prompts_tab.build),
+        ("Distill", distill_tab.build),
+        ("Preview", preview_tab.build),
+        ("Evaluate", evaluate_tab.build),
+        ("Study", _optional_tab("study_tab")),
+        ("Deploy", deploy_tab.build),
+    ]
+    if builder is not None
 ]
 
 TITLE = "CollectionLoRA Studio"
@@ -57,6 +89,9 @@ def launch(
         raise AccessError(f"Refusing to serve the studio on {host} without authentication.")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     studio = Studio.open(config)
+    # Runs are independent processes: notice the ones that died while no UI was up; the tabs poll the rest.
+    for run in runs_view.reattach(studio):
+        log.info("re-attached to run %d (%s, %s)", run.id, run.name or run.kind, run.status)
     app = build_app(studio)
     kwargs: dict = {}
     if access.users:

@@ -199,6 +199,11 @@ def _lora_ref(
             row = s.get(LoraFile, int(given))
         if row is None:
             raise StudyError(f"{what}: there is no LoRA file #{given}")
+        if row.backbone and row.backbone != studio.config.backbone:
+            raise StudyError(
+                f"{what}: LoRA file #{given} is for the '{row.backbone}' backbone, not "
+                f"'{studio.config.backbone}'"
+            )
         return _ref_of_row(row)
     path = Path(given).expanduser()
     if not path.is_file():
@@ -303,7 +308,9 @@ def resolve_systems(
                 continue
             cat = catalog_for(r, label or r.label)
             if cat is not None:  # a CollectionLoRA: its own prompts and steps
-                specs.append(SystemSpec(label or r.label, "lora", cat[1], loras=(r,), prompts=cat[0]))
+                specs.append(
+                    SystemSpec(label or Path(r.label).stem, "lora", cat[1], loras=(r,), prompts=cat[0])
+                )
             else:
                 specs.append(SystemSpec(label or Path(r.label).stem, "lora", fast_steps, loras=(r,)))
     labels = [s.label for s in specs]
@@ -1082,7 +1089,7 @@ def results_chart(res: StudyResults, width: int = 960, height: int = 520) -> Ima
         d.rectangle((x, 44, x + 14, 58), fill=c)
         d.text((x + 20, 43), system, fill="black", font=font)
         x += 40 + int(d.textlength(system, font=font))
-    left, right, top, bottom = 60, width - 20, 80, height - 50
+    left, right, top, bottom = 60, width - 20, 80, height - 62
     # axis and grid
     for pct in range(0, 101, 20):
         y = bottom - (bottom - top) * pct / 100
@@ -1112,7 +1119,7 @@ def results_chart(res: StudyResults, width: int = 960, height: int = 520) -> Ima
         label = f"{QUESTION_TEXT[q][0]} (n={total})"
         d.text((left + (g + 0.5) * group_w, bottom + 12), label, fill="black", font=font, anchor="ma")
     d.text(
-        (width - 20, height - 16),
+        (width - 20, height - 6),
         "bars: share of votes; whiskers: Wilson 95% CI",
         fill=(90, 90, 90),
         font=small,

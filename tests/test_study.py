@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import secrets
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -299,6 +300,19 @@ def tiny_studio(data_dir: Path, tmp_path: Path) -> Studio:
     return st
 
 
+class StopAfter:
+    """A reporter that asks to stop after ``n`` progress reports."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.steps = n, []
+
+    def progress(self, step: int, total: int, metrics: dict) -> None:
+        self.steps.append(step)
+
+    def should_stop(self) -> bool:
+        return len(self.steps) >= self.n
+
+
 @pytest.fixture()
 def submitted(monkeypatch) -> list[int]:
     """Runs are created but no worker starts; the tests run the job in-process."""
@@ -356,17 +370,33 @@ def test_study_gen_job_makes_blinded_candidates(tiny_studio: Studio, tmp_path: P
         fast_steps=2,
     )
     assert len(submitted) == 1
+    # any LoRA file is a system too: a plain LoRA uses the teacher prompt, a CollectionLoRA its catalog
+    specs, problems = ss.resolve_systems(studio, [f"Mine={light}", str(student)], ["warm", "frame"])
+    assert problems == []
+    assert [(x.label, x.kind, x.steps, x.prompts) for x in specs] == [
+        ("Mine", "lora", ss.FAST_STEPS, None),
+        ("student", "lora", 2, {"warm": "<warm_Xq1> Warm the colours.", "frame": "<frame_Xq2> Add a frame."}),
+    ]
     info = ss.get_study(studio, sid)
     assert info.status == "draft" and info.run_id == submitted[0] and info.planned_items == 4
     with studio.session() as s:
         cfg = runs.job_config(s.get(runs.Run, submitted[0]))
     assert cfg == {"study_id": sid}
 
+    # a stop after three of the eight (system, effect) batches; the resumed job makes only the rest
+    work = runs.run_dir(studio, submitted[0])
+    stopper = StopAfter(3)
+    out = ss.generate(studio, sid, stopper, work_dir=work)
+    assert out.stopped and out.items == 0 and ss.get_study(studio, sid).status == "draft"
+    first = json.loads((work / "generated.json").read_text())
+    assert len(first) == 3 and stopper.steps == [1, 2, 3]
+
     reporter = runs.DbReporter(studio, submitted[0], flush_interval_s=0)
-    ctx = runs.RunContext(studio, submitted[0], cfg, runs.run_dir(studio, submitted[0]), reporter, None)
+    ctx = runs.RunContext(studio, submitted[0], cfg, work, reporter, None)
     metrics = jobs_study.run_study_gen(ctx)
     assert metrics == {"items": 4, "images": 16, "stopped": False}
-    assert (ctx.run_dir / "generated.json").is_file()
+    done = json.loads((work / "generated.json").read_text())
+    assert len(done) == 8 and all(done[k] == v for k, v in first.items())
 
     info = ss.get_study(studio, sid)
     assert info.status == "open" and info.items == 4
@@ -401,3 +431,37 @@ def test_study_gen_job_makes_blinded_candidates(tiny_studio: Studio, tmp_path: P
     with studio.session() as s:
         run = s.get(runs.Run, submitted[0])
         assert run.step == run.total_steps == 8  # 4 systems x 2 effects
+
+
+# ------------------------------------------------------------------------------------------------
+# the UI tab's handlers
+
+
+def test_study_tab_builds_and_its_handlers_act(plain: Studio) -> None:
+    import gradio as gr
+
+    from studio.ui import study_tab as st
+    from studio.ui.app import build_app
+
+    studio = plain
+    assert isinstance(build_app(studio, tabs=[("User study", st.build)]), gr.Blocks)
+    view = st.render(studio, None)
+    assert view.selected is None and "No study yet" in view.detail
+    view = st.create(studio, "", [], ["Base"], "", 5, 0, None)
+    assert "Cannot create the study" in view.error and "give the study a name" in view.error
+
+    sid = handmade_study(studio, n_items=2)
+    view = st.add_voters(studio, sid, "ann\nben", "http://studio.example:9000/")
+    lines = view.links.splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == ["ann", "ben"] and "Copy their links now" in view.notice
+    token = lines[0].split("\t")[1].removeprefix("http://studio.example:9000/vote/")
+    page = ss.voter_page(studio, token)
+    ss.record_votes(studio, token, page.item_id, {q.value: page.candidates[0].key for q in ss.QUESTIONS})
+
+    view = st.render(studio, sid)
+    assert view.selected == sid and list(view.voters["items answered"]) == ["1/2", "0/2"]
+    assert view.chart is not None and len(view.results) == 3 * len(SYSTEMS)
+    assert view.results["votes"].sum() == 3  # one vote per criterion so far
+    assert Path(st.csv_file(studio, sid)).read_text() == ss.results_csv(studio, sid)
+    assert "closed" in st.set_open(studio, sid, False).notice
+    assert "has no generation run" in st.stop_generation(studio, sid).error

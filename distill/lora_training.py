@@ -109,7 +109,8 @@ _PRESETS: dict[str, LoraTrainConfig] = {
     "tiny": LoraTrainConfig(
         rank=16,
         alpha=16.0,
-        lr=2e-3,  # 1e-4 barely moves a rank-16 LoRA on this small model in a few hundred steps
+        # sepia, 200 steps: lr 1e-4 -> 18.6 dB to ground truth, 2e-3 -> 25.2 dB (base model 11.8 dB)
+        lr=2e-3,
         steps=400,
         batch=8,
         timestep_sampling="logit_normal",

@@ -64,6 +64,7 @@ class ScheduleConfig:
     max_shift: float = 0.9
     dynamic: bool = True
     shift: float = 1.0  # used when dynamic is False
+    shift_terminal: float | None = None  # stretch so the last non-zero sigma is this (Qwen-Image: 0.02)
 
 
 def sigma_schedule(
@@ -80,6 +81,9 @@ def sigma_schedule(
         sig = exponential_time_shift(base, mu)
     else:
         sig = time_shift(base, cfg.shift)
+    if cfg.shift_terminal:  # as FlowMatchEulerDiscreteScheduler.stretch_shift_to_terminal
+        one_minus = 1.0 - sig
+        sig = 1.0 - one_minus / (one_minus[-1] / (1.0 - cfg.shift_terminal))
     return torch.tensor(np.append(sig, 0.0), dtype=torch.float32)
 
 

@@ -25,7 +25,7 @@ def guided_velocity(
     renorm: bool = True,
 ) -> torch.Tensor:
     """True CFG as the Qwen-Image pipelines do it: ``uncond + w * (cond - uncond)``, then the
-    result is rescaled to the conditional prediction's norm (over channels, per position)."""
+    result is rescaled to the conditional prediction's norm per token (``Backbone.guidance_norm``)."""
     if uncond is None or cfg_scale <= 1.0:
         return backbone.predict_velocity(x_s, s, cond)
     both = backbone.predict_velocity(
@@ -34,7 +34,7 @@ def guided_velocity(
     v_c, v_u = both.chunk(2)
     comb = v_u + cfg_scale * (v_c - v_u)
     if renorm:
-        comb = comb * (v_c.norm(dim=1, keepdim=True) / comb.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        comb = comb * (backbone.guidance_norm(v_c) / backbone.guidance_norm(comb).clamp_min(1e-8))
     return comb
 
 

@@ -245,3 +245,65 @@ def test_without_text_encoder_uses_given_embeddings(components, sizes):
         torch.testing.assert_close(bare.predict_velocity(x, s, cond), full.predict_velocity(x, s, cond))
     with pytest.raises(RuntimeError, match="without its text encoder"):
         bare.encode_prompt(["Make it red."], smooth_images(1))
+
+
+def test_schedule_matches_the_scheduler_with_shift_terminal() -> None:
+    """Qwen-Image's scheduler stretches its sigmas to end at shift_terminal=0.02: ours must too."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from distill.backbones.qwen_image_edit import schedule_from_scheduler_config
+    from distill.flow import calculate_mu, sigma_schedule
+
+    sched = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        base_shift=0.5,
+        max_shift=0.9,
+        use_dynamic_shifting=True,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    cfg = schedule_from_scheduler_config(sched.config)
+    steps, seq = 8, 1024
+    mu = calculate_mu(seq, 256, 8192, 0.5, 0.9)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    ours = sigma_schedule(steps, seq, cfg)
+    torch.testing.assert_close(ours, sched.sigmas.float(), atol=1e-5, rtol=1e-5)
+    assert abs(float(ours[-2]) - 0.02) < 1e-6
+
+
+def test_cfg_renormalises_per_packed_token_like_the_pipeline() -> None:
+    """The pipeline rescales true CFG by the norm of each packed 2x2 token: so does ours."""
+    from distill.backbones.qwen_image_edit import PATCH, QwenImageEditBackbone
+    from distill.backbones.tiny import pack
+
+    v = torch.randn(2, 4, 8, 6)
+    norm = QwenImageEditBackbone.guidance_norm(None, v)  # type: ignore[arg-type]
+    want = pack(v, PATCH).norm(dim=-1)  # (B, tokens)
+    got = pack(norm.expand(-1, 1, -1, -1), PATCH)[..., 0]  # one value per token, repeated over its pixels
+    torch.testing.assert_close(got, want)
+    assert torch.allclose(pack(norm, PATCH), got[..., None].expand(-1, -1, PATCH * PATCH))
+
+
+def test_euler_sample_with_true_cfg_equals_the_diffusers_pipeline(backbone, components):
+    """Two true-CFG steps (negative prompt " ", scale 4) give the pipeline's own image."""
+    pipe = QwenImageEditPlusPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    images = smooth_images(1, seed=5)
+    noise = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(6))
+    prompt = "Turn it into a sketch."
+    cond = backbone.encode_prompt([prompt], images)
+    uncond = backbone.encode_prompt([backbone.negative_prompt], images)
+    ours = euler_sample(backbone, cond, uncond=uncond, cfg_scale=4.0, steps=2, noise=noise)
+    theirs = pipe(
+        to_pil(images)[0],
+        prompt,
+        negative_prompt=backbone.negative_prompt,
+        true_cfg_scale=4.0,
+        num_inference_steps=2,
+        height=IMAGE_SIZE,
+        width=IMAGE_SIZE,
+        latents=pipe._pack_latents(noise, 1, 4, LATENT, LATENT),
+        output_type="pt",
+    ).images
+    torch.testing.assert_close((ours.images + 1) / 2, theirs, rtol=1e-4, atol=1e-4)

@@ -94,6 +94,11 @@ class Backbone(ABC):
     def image_seq_len(self, latents_shape: tuple[int, ...]) -> int:
         """Number of target-image tokens, which sets the dynamic schedule shift."""
 
+    def guidance_norm(self, v: torch.Tensor) -> torch.Tensor:
+        """The norm true CFG rescales by: per token, as the pipeline sees the latents. Here one
+        token is one latent position's channels; packed-latent backbones override this."""
+        return v.norm(dim=1, keepdim=True)
+
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         """Resize images to the working resolution (square)."""
         return resize(images, self.image_size)

@@ -40,12 +40,6 @@ def schedule_from_scheduler_config(config) -> ScheduleConfig:
     get = config.get
     if get("time_shift_type", "exponential") != "exponential" and get("use_dynamic_shifting", False):
         log.warning("scheduler uses a linear dynamic time shift; sampling uses the exponential one")
-    if get("shift_terminal"):
-        # Qwen-Image ships shift_terminal=0.02: the pipeline stretches its last sigmas so the final
-        # non-zero one is 0.02; distill.flow.sigma_schedule does not (yet), so step tails differ.
-        log.warning(
-            "scheduler shift_terminal=%s is not applied by distill.flow.sigma_schedule", get("shift_terminal")
-        )
     return ScheduleConfig(
         base_image_seq_len=int(get("base_image_seq_len", 256)),
         max_image_seq_len=int(get("max_image_seq_len", 4096)),
@@ -53,6 +47,7 @@ def schedule_from_scheduler_config(config) -> ScheduleConfig:
         max_shift=float(get("max_shift", 1.15)),
         dynamic=bool(get("use_dynamic_shifting", False)),
         shift=float(get("shift", 1.0)),
+        shift_terminal=float(get("shift_terminal")) if get("shift_terminal") else None,
     )
 
 
@@ -224,6 +219,15 @@ class QwenImageEditBackbone(Backbone):
 
     def image_seq_len(self, latents_shape: tuple[int, ...]) -> int:
         return (latents_shape[-2] // PATCH) * (latents_shape[-1] // PATCH)
+
+    def guidance_norm(self, v: torch.Tensor) -> torch.Tensor:
+        """Per packed token (2x2 patch x channels), as the pipeline rescales true CFG."""
+        b, _, h, w = v.shape
+        norms = pack(v, PATCH).norm(dim=-1, keepdim=True)  # (B, tokens, 1)
+        per_pixel = norms.view(b, h // PATCH, w // PATCH, 1, 1, 1).expand(
+            b, h // PATCH, w // PATCH, 1, PATCH, PATCH
+        )
+        return per_pixel.permute(0, 3, 1, 4, 2, 5).reshape(b, 1, h, w)
 
     def predict_velocity(self, x_s: torch.Tensor, s: torch.Tensor, cond: Condition) -> torch.Tensor:
         b, _, h, w = x_s.shape

@@ -292,23 +292,36 @@ def main() -> None:
         dcfg.update(
             batch=2, critic_updates=1, target_steps=2, target_general_sources=1, checkpoint_every=1000
         )
+    only = set(args.only.split(",")) if args.only else None
+
+    def want(stage: str) -> bool:
+        return only is None or stage in only
+
     log("Lightning (DMD on the general stream only)")
     lcfg = DistillConfig.for_backbone(
         "tiny",
         **{**dcfg, "p_switch": 0.0, **({"steps": args.lightning_steps} if args.lightning_steps else {})},
     )
-    distill_adapter(s, "lightning", [], lcfg)
+    if want("lightning"):
+        distill_adapter(s, "lightning", [], lcfg)
     log("FM all-in-1 (eq. 2 on every pair at once)")
     fm_cfg = LoraTrainConfig.for_backbone(
         "tiny", steps=args.fm_steps or 4 * LoraTrainConfig.for_backbone("tiny").steps, seed=s.seed
     )
-    ensure_lora(
-        s, "fm_all", lambda: train_lora(s.bb, "fm_all", [p for n in names for p in pairs_of(n, 20)], fm_cfg)
-    )
+    if want("fm"):
+        ensure_lora(
+            s,
+            "fm_all",
+            lambda: train_lora(s.bb, "fm_all", [p for n in names for p in pairs_of(n, 20)], fm_cfg),
+        )
     log("Ours (CollectionLoRA)")
     specs = effect_specs(s, names, prompts)
-    ours_sec = distill_adapter(s, "ours", specs, DistillConfig.for_backbone("tiny", **dcfg))
+    ours_sec = (
+        distill_adapter(s, "ours", specs, DistillConfig.for_backbone("tiny", **dcfg)) if want("ours") else 0
+    )
     adapters.set_trainable(s.bb.transformer, [])
+    if only is not None:
+        return
 
     entries = [
         EffectEntry(n, next(e.teacher_prompt for e in EFFECTS if e.name == n), prompts[n], teacher_name(n))

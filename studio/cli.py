@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import StudioConfig, default_data_dir
 
-COMMAND_MODULES = ["library", "bench", "runs", "teacher", "prompts", "distill", "serve"]
+COMMAND_MODULES = ["library", "bench", "runs", "teacher", "prompts", "distill", "serve", "study"]
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

@@ -3,4 +3,4 @@
 Each module imports torch/diffusers inside its job function, so starting a worker stays cheap.
 """
 
-from . import jobs_distill, jobs_teacher  # noqa: F401
+from . import jobs_distill, jobs_study, jobs_teacher  # noqa: F401

@@ -76,6 +76,13 @@ def load_backbone(quick: bool) -> TinyEditor:
         return bb
 
 
+def bench_effects(k: int) -> list[str]:
+    """``k`` effects spread evenly over the main bench, so every kind (colour, style, filter,
+    geometric, compositional) is represented at any size; all 50 at k = 50."""
+    k = max(1, min(k, len(MAIN_BENCH)))
+    return [MAIN_BENCH[int(i * len(MAIN_BENCH) / k)].name for i in range(k)]
+
+
 def pairs_of(name: str, n: int) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
     """The bench's training pairs of an effect as (source, target, teacher prompt), tensors in [-1, 1]."""
     effect = next(e for e in EFFECTS if e.name == name)
@@ -278,7 +285,7 @@ def main() -> None:
     tag = args.tag or ("quick" if q else f"{args.effects}fx")
     s = Setup(load_backbone(q), args.work / tag, args.out, q, args.seed)
     s.out.mkdir(parents=True, exist_ok=True)
-    names = [e.name for e in MAIN_BENCH[: args.effects]]
+    names = bench_effects(args.effects)
     t_start = time.time()
 
     if args.teachers_only:
@@ -393,11 +400,7 @@ def main() -> None:
         md.append(table(abl, "Table 3 analogue: ablations"))
 
     if args.extend:
-        new = (
-            [e.name for e in EFFECTS[len(MAIN_BENCH) : len(MAIN_BENCH) + args.extend]]
-            if len(names) == len(MAIN_BENCH)
-            else [e.name for e in MAIN_BENCH[len(names) : len(names) + args.extend]]
-        )
+        new = [e.name for e in EFFECTS[len(MAIN_BENCH) : len(MAIN_BENCH) + args.extend]]  # the extension set
         train_teachers(s, new, args.teacher_steps)
         prompts.update(student_prompts(s, names + new))
         ext_specs = effect_specs(s, names + new, prompts, new=set(new))

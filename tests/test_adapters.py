@@ -4,40 +4,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from studio_fixtures import frozen_tiny, randomize_lora, velocity_inputs
 
 from distill.backbones import adapters as A
 from distill.backbones.base import Condition
-from distill.backbones.tiny import TinyConfig, TinyEditor
+from distill.backbones.tiny import TinyEditor
 
 
 @pytest.fixture()
 def editor() -> TinyEditor:
-    ed = TinyEditor.random(TinyConfig(num_layers=2), seed=0)
-    ed.freeze()
-    return ed
+    return frozen_tiny()
 
 
 @pytest.fixture()
 def inputs() -> tuple[torch.Tensor, torch.Tensor, Condition]:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 32, 32, generator=g)
-    cond = Condition(
-        torch.randn(2, 7, 128, generator=g), torch.ones(2, 7, dtype=torch.long), torch.randn_like(x)
-    )
-    return x, torch.tensor([0.3, 0.7]), cond
+    return velocity_inputs()
 
 
 def run(editor: TinyEditor, inputs) -> torch.Tensor:
     with torch.no_grad():
         return editor.predict_velocity(*inputs)
-
-
-def randomize(transformer, name: str, seed: int, std: float = 0.05) -> None:
-    """Give an adapter non-zero A and B (a fresh LoRA has B = 0 and changes nothing)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in A.lora_parameters(transformer, name):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def test_adapter_changes_output_only_when_active(editor, inputs):
@@ -49,7 +35,7 @@ def test_adapter_changes_output_only_when_active(editor, inputs):
     assert A.active(tr) == ([], [])  # adding does not activate
     A.activate(tr, "student")
     assert torch.equal(run(editor, inputs), base)  # B = 0 at init: same as the base
-    randomize(tr, "student", 0)
+    randomize_lora(tr, "student", 0)
     with_lora = run(editor, inputs)
     assert (with_lora - base).abs().max() > 1e-3
     assert A.active(tr) == (["student"], [1.0])
@@ -79,7 +65,7 @@ def test_using_restores_previous_set_and_weights(editor, inputs):
     tr = editor.transformer
     for i, name in enumerate(["student", "teacher_0"]):
         A.add_lora(tr, name, A.LoraSpec(rank=4))
-        randomize(tr, name, i)
+        randomize_lora(tr, name, i)
     A.activate(tr, ["student"], [0.5])
     before = run(editor, inputs)
     with A.using(tr, "teacher_0"):
@@ -104,7 +90,7 @@ def test_activate_never_changes_trainability(editor, inputs):
     tr = editor.transformer
     for i, name in enumerate(["student", "fake", "teacher_0"]):
         A.add_lora(tr, name, A.LoraSpec(rank=4))
-        randomize(tr, name, i)
+        randomize_lora(tr, name, i)
     A.set_trainable(tr, ["student"])
     flags = grad_flags(tr)
     trainable = {n for n, f in flags.items() if f}
@@ -145,7 +131,7 @@ def test_activate_never_changes_trainability(editor, inputs):
 def test_add_and_delete_keep_other_flags_and_active_set(editor, inputs):
     tr = editor.transformer
     A.add_lora(tr, "teacher_0", A.LoraSpec(rank=4))
-    randomize(tr, "teacher_0", 0)
+    randomize_lora(tr, "teacher_0", 0)
     A.set_trainable(tr, [])
     A.activate(tr, "teacher_0", [0.8])
     teacher = run(editor, inputs)
@@ -174,8 +160,8 @@ def test_two_weighted_adapters_equal_their_summed_delta(editor, inputs):
     A.add_lora(tr, "a", spec)
     A.add_lora(tr, "b", spec)
     A.add_lora(tr, "ab", A.LoraSpec(rank=8, alpha=8, target_modules=spec.target_modules))
-    randomize(tr, "a", 1, std=0.1)
-    randomize(tr, "b", 2, std=0.1)
+    randomize_lora(tr, "a", 1, std=0.1)
+    randomize_lora(tr, "b", 2, std=0.1)
     wa, wb = 0.5, -1.5
     with torch.no_grad():
         for layer in tr.modules():
@@ -207,7 +193,7 @@ def test_fuse_matches_unfused_and_unfuse_restores(editor, inputs):
     base = run(editor, inputs)
     for i, name in enumerate(["student", "teacher_0"]):
         A.add_lora(tr, name, A.LoraSpec(rank=4, alpha=8))
-        randomize(tr, name, i)
+        randomize_lora(tr, name, i)
     base_weights = {k: v.clone() for k, v in tr.state_dict().items() if "lora_" not in k}
     A.activate(tr, ["student", "teacher_0"], [1.0, 0.5])
     unfused = run(editor, inputs)
@@ -234,7 +220,7 @@ def test_fuse_matches_unfused_and_unfuse_restores(editor, inputs):
 def test_lora_state_dict_is_diffusers_layout_cloned_on_cpu(editor):
     tr = editor.transformer
     A.add_lora(tr, "student", A.LoraSpec(rank=4, target_modules=("to_q", "txt_mlp.net.2")))
-    randomize(tr, "student", 0)
+    randomize_lora(tr, "student", 0)
     sd = A.lora_state_dict(tr, "student")
     assert sorted(sd) == sorted(
         f"transformer.transformer_blocks.{i}.{m}.lora_{ab}.weight"

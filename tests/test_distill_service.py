@@ -10,24 +10,20 @@ import io
 from contextlib import redirect_stdout
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
+from studio_fixtures import add_toy_effect, small_studio
 
 from distill.backbones import adapters
-from distill.backbones.tiny import TinyConfig, TinyEditor
-from distill.effectbench.scenes import make_scene
+from distill.backbones.tiny import TinyEditor
 from distill.export import read_catalog, student_init
 from distill.trainer import FAKE, STUDENT, adapter_params
 from storage import Effect, LoraFile, LoraKind, Prompt
-from studio import cli, distill_service, jobs_distill, library, runs, teachers_service
-from studio.config import StudioConfig
+from studio import cli, distill_service, jobs_distill, library, runs
 from studio.context import Studio
 from studio.distill_service import DistillError
 
-SMALL = TinyConfig(num_layers=2, num_heads=2, head_dim=16, text_dim=32, text_layers=1)
 FAST = {
     "steps": 2,
     "batch": 2,
@@ -42,39 +38,8 @@ FAST = {
 }
 
 
-def _png(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray((np.clip(x, 0, 1) * 255).astype(np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _pairs(root: Path, n: int, seed: int) -> Path:
-    (root / "source").mkdir(parents=True)
-    (root / "target").mkdir()
-    for i in range(n):
-        img = make_scene("animal", seed + i, size=32).image
-        (root / "source" / f"{i}.png").write_bytes(_png(img))
-        (root / "target" / f"{i}.png").write_bytes(_png(1.0 - img))
-    return root
-
-
-def _teacher_file(path: Path, seed: int) -> Path:
-    bb = TinyEditor.random(SMALL, seed=0)
-    params = adapters.add_lora(bb.transformer, "t", adapters.LoraSpec(rank=2, alpha=2.0))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return adapters.save_lora(bb.transformer, "t", path)
-
-
 def _add_effect(studio: Studio, tmp: Path, name: str, seed: int, *, teacher=True, prompts=True) -> None:
-    library.import_pairset(studio, name, _pairs(tmp / name, 3, seed), teacher_prompt=f"Apply {name}.")
-    if teacher:
-        bb = TinyEditor.random(SMALL, seed=0)
-        teachers_service.import_teacher(
-            studio, name, _teacher_file(tmp / f"{name}.safetensors", seed), backbone=bb
-        )
+    add_toy_effect(studio, tmp, name, seed, teacher_std=0.2 if teacher else None)
     if prompts:
         with studio.session() as s:
             row = s.query(Prompt).join(Effect).filter(Effect.name == name).one()
@@ -83,9 +48,7 @@ def _add_effect(studio: Studio, tmp: Path, name: str, seed: int, *, teacher=True
 
 @pytest.fixture()
 def studio(data_dir: Path, tmp_path: Path) -> Studio:
-    weights = tmp_path / "tiny-random"
-    TinyEditor.random(SMALL, seed=0).save_pretrained(weights)
-    st = Studio.open(StudioConfig(data_dir=data_dir, model_path=str(weights)))
+    st = small_studio(data_dir, tmp_path)
     _add_effect(st, tmp_path, "warm", 1)
     _add_effect(st, tmp_path, "frame", 2)
     return st

@@ -10,9 +10,10 @@ import torch
 from diffusers import QwenImageEditPlusPipeline
 from PIL import Image
 from qwen_tiny import IMAGE_SIZE, tiny_image_sizes, tiny_qwen_components
+from studio_fixtures import SMALL, frozen_tiny, randomize_lora
 
 from distill.backbones import adapters
-from distill.backbones.tiny import TinyConfig, TinyEditor
+from distill.backbones.tiny import TinyEditor
 from distill.export import (
     CatalogEntry,
     CatalogError,
@@ -31,19 +32,6 @@ CATALOG = [
 ]
 
 
-def _randomise(transformer: torch.nn.Module, name: str, std: float, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapters.lora_parameters(transformer, name):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def _tiny() -> TinyEditor:
-    bb = TinyEditor.random(TinyConfig(num_layers=2, num_heads=2, head_dim=16, text_dim=32, text_layers=1))
-    bb.freeze()
-    return bb
-
-
 def _velocity(bb: TinyEditor, names: list[str] | None) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     src = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
@@ -54,7 +42,7 @@ def _velocity(bb: TinyEditor, names: list[str] | None) -> torch.Tensor:
 
 
 def test_catalog_round_trip_and_prompts(tmp_path: Path) -> None:
-    bb = _tiny()
+    bb = frozen_tiny(SMALL)
     adapters.add_lora(bb.transformer, "student", adapters.LoraSpec(rank=4, alpha=2.0))
     path = export_collection_lora(
         bb.transformer, tmp_path / "c.safetensors", CATALOG, backbone="tiny", extra_meta={"run": "7"}
@@ -93,9 +81,9 @@ def test_catalog_round_trip_and_prompts(tmp_path: Path) -> None:
 
 
 def test_both_layouts_load_back_to_identical_outputs(tmp_path: Path) -> None:
-    bb = _tiny()
+    bb = frozen_tiny(SMALL)
     adapters.add_lora(bb.transformer, "student", adapters.LoraSpec(rank=4, alpha=2.0))
-    _randomise(bb.transformer, "student", 0.2)
+    randomize_lora(bb.transformer, "student", seed=1, std=0.2)
     want, base = _velocity(bb, ["student"]), _velocity(bb, None)
     assert not torch.allclose(want, base, atol=1e-3)  # the LoRA matters
 
@@ -103,7 +91,7 @@ def test_both_layouts_load_back_to_identical_outputs(tmp_path: Path) -> None:
     kohya_file = export_collection_lora(bb.transformer, tmp_path / "k.safetensors", CATALOG, fmt="kohya")
     converted = convert_collection_lora(diffusers_file, tmp_path / "conv.safetensors", "kohya")
     for path, fmt in ((diffusers_file, "diffusers"), (kohya_file, "kohya"), (converted, "kohya")):
-        fresh = _tiny()
+        fresh = frozen_tiny(SMALL)
         report = adapters.load_lora(fresh.transformer, path, "loaded")
         assert (report.format_detected, report.rank, report.alpha) == (fmt, 4, 2.0)
         torch.testing.assert_close(_velocity(fresh, ["loaded"]), want, rtol=0, atol=1e-6)
@@ -124,7 +112,7 @@ def test_plain_diffusers_pipeline_loads_the_export(tmp_path: Path) -> None:
     """A user's QwenImageEditPlusPipeline takes the file with load_lora_weights, alpha included."""
     trained = tiny_qwen_components()["transformer"]  # the same random base as the pipelines below
     adapters.add_lora(trained, "student", adapters.LoraSpec(rank=4, alpha=2.0))
-    _randomise(trained, "student", 0.3)
+    randomize_lora(trained, "student", seed=1, std=0.3)
     path = export_collection_lora(trained, tmp_path / "collection.safetensors", CATALOG, backbone="qwen")
     prompt = effect_prompt(read_catalog(path), "pixel")
     image = Image.fromarray(

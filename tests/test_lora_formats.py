@@ -10,29 +10,17 @@ from diffusers import QwenImagePipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
+from studio_fixtures import frozen_tiny, randomize_lora, velocity_inputs
 
 from distill.backbones import adapters as A
 from distill.backbones.base import Condition
 from distill.backbones.lora_formats import LoraFormatError, detect_format, to_diffusers, to_kohya
 from distill.backbones.tiny import TinyConfig, TinyEditor
 
-CONFIG = TinyConfig(num_layers=2)
-
-
-def make_editor(config: TinyConfig = CONFIG) -> TinyEditor:
-    ed = TinyEditor.random(config, seed=0)
-    ed.freeze()
-    return ed
-
 
 @pytest.fixture()
 def inputs() -> tuple[torch.Tensor, torch.Tensor, Condition]:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 32, 32, generator=g)
-    cond = Condition(
-        torch.randn(2, 7, 128, generator=g), torch.ones(2, 7, dtype=torch.long), torch.randn_like(x)
-    )
-    return x, torch.tensor([0.3, 0.7]), cond
+    return velocity_inputs()
 
 
 def run(editor: TinyEditor, inputs, names=None) -> torch.Tensor:
@@ -42,15 +30,12 @@ def run(editor: TinyEditor, inputs, names=None) -> torch.Tensor:
 
 
 def trained(
-    rank: int = 4, alpha: float = 8.0, config: TinyConfig = CONFIG, name: str = "student"
+    rank: int = 4, alpha: float = 8.0, config: TinyConfig | None = None, name: str = "student"
 ) -> TinyEditor:
     """An editor with one adapter whose A and B are random (as if trained)."""
-    ed = make_editor(config)
+    ed = frozen_tiny(config)
     A.add_lora(ed.transformer, name, A.LoraSpec(rank=rank, alpha=alpha))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in A.lora_parameters(ed.transformer, name):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    randomize_lora(ed.transformer, name, seed=3, std=0.05)
     return ed
 
 
@@ -60,7 +45,7 @@ def source() -> TinyEditor:
 
 
 def load_and_run(sd_or_path, inputs, **kw) -> tuple[A.LoadReport, torch.Tensor]:
-    ed = make_editor()
+    ed = frozen_tiny()
     report = A.load_lora(ed.transformer, sd_or_path, "loaded", **kw)
     assert A.active(ed.transformer) == ([], [])  # loading does not activate
     assert not any(p.requires_grad for p in ed.transformer.parameters())  # loaded adapters are frozen
@@ -125,7 +110,7 @@ def test_diffusers_pipeline_files_load_both_ways(source, inputs, tmp_path):
         sd, meta = QwenImagePipeline.lora_state_dict(
             str(tmp_path / "ours"), weight_name=f"{fmt}.safetensors", return_lora_metadata=True
         )
-        ed = make_editor()
+        ed = frozen_tiny()
         ed.transformer.load_lora_adapter(sd, prefix="transformer", adapter_name="hf", metadata=meta)
         ed.transformer.set_adapters("hf")
         with torch.no_grad():
@@ -189,7 +174,7 @@ def test_peft_default_keys_and_mixed_ranks_load(inputs, tmp_path):
         for k, v in mixed.items()
     }
     assert detect_format(peft_style) == "peft"
-    ed = make_editor()
+    ed = frozen_tiny()
     report = A.load_lora(ed.transformer, peft_style, "mixed", alpha=8.0)
     assert (report.format_detected, report.rank, report.alpha, report.matched_modules) == ("peft", 4, 8.0, 24)
     target = ed.transformer.get_submodule(layer)
@@ -246,14 +231,14 @@ def test_refuses_pickles(source, tmp_path):
         with pytest.raises(
             LoraFormatError, match="must be .safetensors; pickled files can run code and are refused"
         ):
-            A.load_lora(make_editor().transformer, tmp_path / name, "x")
+            A.load_lora(frozen_tiny().transformer, tmp_path / name, "x")
 
 
 def test_truncated_and_garbage_files(source, tmp_path):
     path = A.save_lora(source.transformer, "student", tmp_path / "fx.safetensors")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    tr = make_editor().transformer
+    tr = frozen_tiny().transformer
     with pytest.raises(LoraFormatError, match="not a readable .safetensors file; it may be truncated"):
         A.load_lora(tr, path, "x")
     path.write_bytes(b"this is a text file, not weights" * 10)
@@ -277,7 +262,7 @@ def test_lora_for_another_model_is_named_as_such(tmp_path):
         for i in range(3)
         for p in ("lora_down.weight", "lora_up.weight")
     }
-    tr = make_editor().transformer
+    tr = frozen_tiny().transformer
     with pytest.raises(LoraFormatError) as err:
         A.load_lora(tr, tmp_path / "flux_style.safetensors", "x")
     assert str(err.value) == (
@@ -294,7 +279,7 @@ def test_lora_for_another_model_is_named_as_such(tmp_path):
 def test_wrong_shapes_name_the_layer_and_both_shapes(tmp_path):
     big = trained(config=TinyConfig(num_layers=2, head_dim=64))  # a 256-wide model's LoRA
     path = A.save_lora(big.transformer, "student", tmp_path / "big.safetensors")
-    tr = make_editor().transformer
+    tr = frozen_tiny().transformer
     with pytest.raises(LoraFormatError) as err:
         A.load_lora(tr, path, "x")
     msg = str(err.value)
@@ -322,11 +307,11 @@ def test_extra_and_unpaired_keys(source, inputs):
 
     del sd["transformer.transformer_blocks.1.attn.to_k.lora_B.weight"]
     with pytest.raises(LoraFormatError, match="transformer_blocks.1.attn.to_k has a down .* but no up"):
-        A.load_lora(make_editor().transformer, sd, "x")
+        A.load_lora(frozen_tiny().transformer, sd, "x")
 
 
 def test_load_refuses_taken_name_and_keeps_state(source, inputs):
-    ed = make_editor()
+    ed = frozen_tiny()
     sd = A.lora_state_dict(source.transformer, "student")
     A.load_lora(ed.transformer, sd, "teacher_0")
     A.add_lora(ed.transformer, "student")

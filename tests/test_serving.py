@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from studio_fixtures import SMALL, frozen_tiny, randomize_lora
 
 from distill.backbones import adapters
-from distill.backbones.tiny import TinyConfig, TinyEditor
+from distill.backbones.tiny import TinyEditor
 from distill.export import CatalogEntry, compose_prompt, export_collection_lora
 from distill.images import to_pil, to_tensor
 from distill.sampling import euler_sample
@@ -25,7 +26,6 @@ from distill.serving import (
     read_bank,
 )
 
-CONFIG = TinyConfig(num_layers=2, num_heads=2, head_dim=16, text_dim=32, text_layers=1)
 CATALOG = [
     CatalogEntry("warm-film", "<warm_Xk41>", "Give the photo a warm orange film grade.", "Warm film look."),
     CatalogEntry("pixel", "<pixel_Qa07>", "Turn the image into blocky pixel art.", "Pixel art style."),
@@ -34,30 +34,21 @@ CATALOG = [
 
 
 def tiny(seed: int = 0) -> TinyEditor:
-    bb = TinyEditor.random(CONFIG, seed=seed)
-    bb.freeze()
-    return bb
-
-
-def randomise(transformer: torch.nn.Module, name: str, std: float = 0.2, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapters.lora_parameters(transformer, name):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return frozen_tiny(SMALL, seed)
 
 
 def make_collection(path: Path, entries=CATALOG, seed: int = 0) -> Path:
     """A CollectionLoRA export of a random-weight student on the (seed-fixed) tiny backbone."""
     bb = tiny(seed)
     adapters.add_lora(bb.transformer, "student", adapters.LoraSpec(rank=4, alpha=4.0))
-    randomise(bb.transformer, "student")
+    randomize_lora(bb.transformer, "student", seed=1, std=0.2)
     return export_collection_lora(bb.transformer, path, list(entries), backbone="tiny")
 
 
 def make_teacher(path: Path, prompt: str, seed: int) -> Path:
     bb = tiny()
     adapters.add_lora(bb.transformer, "t", adapters.LoraSpec(rank=4, alpha=4.0))
-    randomise(bb.transformer, "t", seed=seed)
+    randomize_lora(bb.transformer, "t", seed=seed, std=0.2)
     return adapters.save_lora(bb.transformer, "t", path, metadata={TEACHER_PROMPT_KEY: prompt})
 
 

@@ -16,21 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from sqlalchemy import func, select
+from studio_fixtures import add_toy_effect, scene_pairs, small_studio, toy_lora_file
 
-from distill.backbones import adapters
-from distill.backbones.tiny import TinyConfig, TinyEditor
-from distill.effectbench.scenes import make_scene
-from distill.export import CatalogEntry, export_collection_lora
+from distill.export import CatalogEntry
 from storage import Study, StudyItem, StudyStatus, Vote, Voter
-from studio import cli, jobs_study, library, runs, teachers_service
+from studio import cli, jobs_study, library, runs
 from studio import study_service as ss
 from studio.config import StudioConfig
 from studio.context import Studio
 
-SMALL = TinyConfig(num_layers=2, num_heads=2, head_dim=16, text_dim=32, text_layers=1)
 SYSTEMS = ["Alpha", "Bravo", "Charlie", "Delta"]  # hand-made studies' system labels
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (90, 90, 90)]
 
@@ -256,47 +252,11 @@ def test_voter_images_are_per_voter_and_per_study(plain: Studio) -> None:
 # creation checks and the generation job (tiny setup)
 
 
-def _png(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray((np.clip(x, 0, 1) * 255).astype(np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _pairs(root: Path, n: int, seed: int) -> Path:
-    (root / "source").mkdir(parents=True)
-    (root / "target").mkdir()
-    for i in range(n):
-        img = make_scene("animal", seed + i, size=32).image
-        (root / "source" / f"{i}.png").write_bytes(_png(img))
-        (root / "target" / f"{i}.png").write_bytes(_png(1.0 - img))
-    return root
-
-
-def _toy_lora(path: Path, seed: int, name: str = "t", catalog: list[CatalogEntry] | None = None) -> Path:
-    bb = TinyEditor.random(SMALL, seed=0)
-    params = adapters.add_lora(bb.transformer, name, adapters.LoraSpec(rank=2, alpha=2.0))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    if catalog is not None:
-        return export_collection_lora(
-            bb.transformer, path, catalog, adapter=name, backbone="tiny", student_steps=2
-        )
-    return adapters.save_lora(bb.transformer, name, path)
-
-
 @pytest.fixture()
 def tiny_studio(data_dir: Path, tmp_path: Path) -> Studio:
-    weights = tmp_path / "tiny-random"
-    TinyEditor.random(SMALL, seed=0).save_pretrained(weights)
-    st = Studio.open(StudioConfig(data_dir=data_dir, model_path=str(weights)))
-    bb = TinyEditor.random(SMALL, seed=0)
+    st = small_studio(data_dir, tmp_path)
     for seed, name in enumerate(["warm", "frame"], start=1):
-        library.import_pairset(st, name, _pairs(tmp_path / name, 2, seed), teacher_prompt=f"Apply {name}.")
-        teachers_service.import_teacher(
-            st, name, _toy_lora(tmp_path / f"{name}.safetensors", seed), backbone=bb
-        )
+        add_toy_effect(st, tmp_path, name, seed, pairs=2, teacher_std=0.3)
     return st
 
 
@@ -328,7 +288,8 @@ def submitted(monkeypatch) -> list[int]:
 
 def test_create_lists_everything_missing(plain: Studio, tmp_path: Path, submitted) -> None:
     studio = plain
-    library.import_pairset(studio, "warm", _pairs(tmp_path / "warm", 2, 1))  # no teacher prompt, no teacher
+    # no teacher prompt, no teacher
+    library.import_pairset(studio, "warm", scene_pairs(tmp_path / "warm", 2, 1))
     with pytest.raises(ss.StudyError) as err:
         ss.create_study(
             studio, "s", ["warm", "nope"], 1, ["Base", "Base+Lightning", "Ours", "weird"], n_items=4
@@ -348,13 +309,13 @@ def test_create_lists_everything_missing(plain: Studio, tmp_path: Path, submitte
 
 def test_study_gen_job_makes_blinded_candidates(tiny_studio: Studio, tmp_path: Path, submitted) -> None:
     studio = tiny_studio
-    light = _toy_lora(tmp_path / "lightning.safetensors", 11)
-    fm = _toy_lora(tmp_path / "fm_all.safetensors", 12)
+    light = toy_lora_file(tmp_path / "lightning.safetensors", 11, std=0.3)
+    fm = toy_lora_file(tmp_path / "fm_all.safetensors", 12, std=0.3)
     catalog = [
         CatalogEntry("warm", "<warm_Xq1>", "Warm the colours.", "Apply warm."),
         CatalogEntry("frame", "<frame_Xq2>", "Add a frame.", "Apply frame."),
     ]
-    student = _toy_lora(tmp_path / "student.safetensors", 13, name="student", catalog=catalog)
+    student = toy_lora_file(tmp_path / "student.safetensors", 13, std=0.3, name="student", catalog=catalog)
     sid = ss.create_study(
         studio,
         "paper four",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from studio_fixtures import frozen_tiny, scene_pairs
 
 from distill.backbones import adapters
 from distill.backbones.tiny import TinyConfig, TinyEditor
@@ -34,12 +35,6 @@ from studio import cli, library, teachers_service
 from studio.config import StudioConfig
 from studio.context import Studio
 from studio.teachers_service import TeacherError
-
-
-def tiny() -> TinyEditor:
-    editor = TinyEditor.random(TinyConfig(num_layers=2), seed=0)
-    editor.freeze()
-    return editor
 
 
 def inverted_pairs(n: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
@@ -90,7 +85,7 @@ def lora_weights(backbone: TinyEditor, name: str) -> dict[str, torch.Tensor]:
 
 
 def test_loss_goes_down_and_only_the_adapter_trains() -> None:
-    bb = tiny()
+    bb = frozen_tiny()
     pairs = inverted_pairs()
     data = encode_pairs(bb, pairs)
     g = torch.Generator().manual_seed(123)
@@ -124,10 +119,10 @@ def test_resume_continues_the_same_trajectory(tmp_path: Path) -> None:
     cfg = fast_config(steps=6, caption_dropout=0.5, checkpoint_every=2, keep_checkpoints=2)
     pairs = inverted_pairs()
 
-    straight = tiny()
+    straight = frozen_tiny()
     full = train_lora(straight, "t", pairs, cfg, checkpoint_dir=tmp_path / "a")
 
-    first = tiny()
+    first = frozen_tiny()
     rec = Recorder(stop_at=3)
     stopped = train_lora(first, "t", pairs, cfg, rec, checkpoint_dir=tmp_path / "b")
     assert stopped.stopped and stopped.steps == 3 and rec.steps == [1, 2, 3]
@@ -135,7 +130,7 @@ def test_resume_continues_the_same_trajectory(tmp_path: Path) -> None:
     assert [s for s, _ in rec.checkpoints] == [2, 3]
     assert latest_checkpoint(tmp_path / "b") == stopped.checkpoint
 
-    second = tiny()  # a fresh process, in effect
+    second = frozen_tiny()  # a fresh process, in effect
     resumed = train_lora(second, "t", pairs, cfg, resume_from=tmp_path / "b", checkpoint_dir=tmp_path / "b")
     assert resumed.steps == 6 and not resumed.stopped
     assert resumed.losses == full.losses
@@ -149,14 +144,14 @@ def test_resume_continues_the_same_trajectory(tmp_path: Path) -> None:
 
 def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     pairs = inverted_pairs(2)
-    train_lora(tiny(), "t", pairs, fast_config(steps=2), checkpoint_dir=tmp_path)
+    train_lora(frozen_tiny(), "t", pairs, fast_config(steps=2), checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="different LoRA settings"):
-        train_lora(tiny(), "t", pairs, fast_config(steps=4, rank=4, alpha=4.0), resume_from=tmp_path)
+        train_lora(frozen_tiny(), "t", pairs, fast_config(steps=4, rank=4, alpha=4.0), resume_from=tmp_path)
 
 
 def test_preview_grids_and_presets() -> None:
     rec = Recorder()
-    train_lora(tiny(), "t", inverted_pairs(4), fast_config(steps=4, sample_every=2, sample_n=4), rec)
+    train_lora(frozen_tiny(), "t", inverted_pairs(4), fast_config(steps=4, sample_every=2, sample_n=4), rec)
     assert [s for s, _ in rec.grids] == [2, 4]
     grid = rec.grids[0][1]
     assert grid.width > grid.height  # 4 columns (pairs) x 3 rows (source, output, target)
@@ -185,7 +180,7 @@ def test_scores_and_teacher_evaluation() -> None:
     p, s = score(noise, gt)
     assert max(p) < 12 and max(s) < 0.3
 
-    bb = tiny()
+    bb = frozen_tiny()
     ev = evaluate_teacher(bb, None, "sepia", eff.teacher_prompt, scenes, steps=2, cfg=4.0)
     assert (ev.effect, ev.system, ev.n, ev.nfe) == ("sepia", "base", 2, 4)
     assert np.isfinite(ev.psnr_mean) and ev.psnr_worst <= ev.psnr_mean and -1 <= ev.ssim_mean <= 1
@@ -196,27 +191,11 @@ def test_scores_and_teacher_evaluation() -> None:
 # the studio: train, import, evaluate, CLI
 
 
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray((arr * 255).astype(np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _pair_folder(root: Path, n: int = 3) -> Path:
-    (root / "source").mkdir(parents=True)
-    (root / "target").mkdir()
-    for i in range(n):
-        img = make_scene("animal", i, size=32).image
-        (root / "source" / f"{i:02d}.png").write_bytes(_png(img))
-        (root / "target" / f"{i:02d}.png").write_bytes(_png(1.0 - img))
-    return root
-
-
 @pytest.fixture()
 def studio(data_dir: Path, tmp_path: Path) -> Studio:
     st = Studio.open(StudioConfig(data_dir=data_dir))
     library.import_pairset(
-        st, "invert", _pair_folder(tmp_path / "pairs"), teacher_prompt="Invert the colours."
+        st, "invert", scene_pairs(tmp_path / "pairs", 3), teacher_prompt="Invert the colours."
     )
     return st
 
@@ -231,7 +210,7 @@ def _lora_file(tmp_path: Path, fmt: str, config: TinyConfig = TinyConfig(num_lay
 
 
 def test_import_teacher_formats_and_bad_files(studio: Studio, tmp_path: Path) -> None:
-    bb = tiny()
+    bb = frozen_tiny()
     assert teachers_service.teacher_for(studio, "invert") is None
     for fmt in ("diffusers", "kohya"):
         lora = teachers_service.import_teacher(studio, "invert", _lora_file(tmp_path, fmt), backbone=bb)
@@ -268,7 +247,7 @@ def _cli(monkeypatch, *argv: str) -> tuple[int, str]:
 
 
 def test_train_eval_list_via_cli(studio: Studio, monkeypatch, tmp_path: Path) -> None:
-    bb = tiny()
+    bb = frozen_tiny()
     monkeypatch.setattr(teachers_service, "open_backbone", lambda studio, device=None: bb)
     code, out = _cli(monkeypatch, "teacher", "train", "invert", "--here", "--steps", "3", "--rank", "4")
     assert code == 0 and "trained: 3 steps" in out
@@ -276,7 +255,7 @@ def test_train_eval_list_via_cli(studio: Studio, monkeypatch, tmp_path: Path) ->
     assert (lora.kind, lora.format, lora.rank, lora.backbone) == (LoraKind.TEACHER, "diffusers", 4, "tiny")
     assert lora.meta["pairs"] == 3 and lora.meta["teacher_prompt"] == "Invert the colours."
     # the file in the blob store is a loadable LoRA with the trained weights
-    check = tiny()
+    check = frozen_tiny()
     report = adapters.load_lora(check.transformer, teachers_service.teacher_path(studio, lora), "c")
     assert report.rank == 4
     trained = lora_weights(bb, teachers_service.adapter_name("invert"))
@@ -299,7 +278,7 @@ def test_train_eval_list_via_cli(studio: Studio, monkeypatch, tmp_path: Path) ->
     )
     assert code == 0 and "kohya layout, rank 4" in out
     assert library.get_effect(studio, "invert").teacher_prompt == "Negative."
-    library.import_pairset(studio, "invert2", _pair_folder(tmp_path / "p2", 2), teacher_prompt="Negative.")
+    library.import_pairset(studio, "invert2", scene_pairs(tmp_path / "p2", 2), teacher_prompt="Negative.")
     code, out = _cli(monkeypatch, "teacher", "train-all", "--steps", "2", "--rank", "4")
     assert code == 0 and "1 effects without a teacher: invert2" in out and "'invert2' trained: 2 steps" in out
     assert teachers_service.effects_without_teacher(studio) == []
@@ -310,11 +289,11 @@ def test_train_eval_list_via_cli(studio: Studio, monkeypatch, tmp_path: Path) ->
 
 
 def test_training_needs_a_prompt_and_pairs(studio: Studio, tmp_path: Path) -> None:
-    library.import_pairset(studio, "no-prompt", _pair_folder(tmp_path / "p2", 1))
+    library.import_pairset(studio, "no-prompt", scene_pairs(tmp_path / "p2", 1))
     with pytest.raises(TeacherError, match="no teacher prompt"):
-        teachers_service.train_teacher_now(studio, "no-prompt", fast_config(), backbone=tiny())
+        teachers_service.train_teacher_now(studio, "no-prompt", fast_config(), backbone=frozen_tiny())
     with pytest.raises(TeacherError, match="no teacher yet"):
-        teachers_service.evaluate(studio, "invert", backbone=tiny())
+        teachers_service.evaluate(studio, "invert", backbone=frozen_tiny())
 
 
 @pytest.mark.slow  # a worker process imports torch + diffusers: ~20 s on 2 idle cores
@@ -322,7 +301,7 @@ def test_background_run_trains_and_registers(studio: Studio, tmp_path: Path, mon
     from studio import runs
 
     weights = tmp_path / "tiny-random"
-    tiny().save_pretrained(weights)
+    frozen_tiny().save_pretrained(weights)
     st = Studio.open(StudioConfig(data_dir=studio.config.data_dir, model_path=str(weights)))
     monkeypatch.setenv(runs.EXTRA_JOB_MODULES_ENV, "studio.jobs_teacher")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

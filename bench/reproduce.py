@@ -268,6 +268,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     ap.add_argument("--tag", default=None)
     ap.add_argument(
+        "--only",
+        default=None,
+        help="train only these cached stages (comma list of lightning, fm, ours), then stop",
+    )
+    ap.add_argument(
         "--teachers-only",
         default=None,
         metavar="I/N",

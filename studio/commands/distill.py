@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from ..context import Studio
-
-POLL_S = 2.0
+from .follow import eta_text, follow_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -96,39 +93,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _eta(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def _follow(studio: Studio, run_id: int) -> int:
-    from .. import runs
-
-    last = None
-    while True:
-        view = runs.run_status(studio, run_id, log_lines=0)
-        line = f"run {run_id}: {view.status} {view.step}/{view.total} eta {_eta(view.eta_s)}"
-        if isinstance(view.metrics.get("loss"), int | float):
-            line += f" loss {view.metrics['loss']:.4f}"
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if view.finished:
-            if view.status != "succeeded":
-                print(f"run {run_id} {view.status}: {view.error or ''}", file=sys.stderr)
-                return 1
-            return 0
-        time.sleep(POLL_S)
-
-
 def cmd_run(args: argparse.Namespace, studio: Studio) -> int:
     from .. import distill_service
 
     run_id = distill_service.start_distillation(studio, args.effects, _overrides(args), args.name)
     print(f"queued distillation run {run_id}")
-    return _follow(studio, run_id) if args.wait else 0
+    return follow_run(studio, run_id) if args.wait else 0
 
 
 def cmd_resume(args: argparse.Namespace, studio: Studio) -> int:
@@ -138,7 +108,7 @@ def cmd_resume(args: argparse.Namespace, studio: Studio) -> int:
     ckpt = runs.last_checkpoint(studio, args.run_id)
     where = f"from step {ckpt.step}" if ckpt else "from the beginning"
     print(f"run {args.run_id} resumed {where} (worker process {pid})")
-    return _follow(studio, args.run_id) if args.wait else 0
+    return follow_run(studio, args.run_id) if args.wait else 0
 
 
 def cmd_extend(args: argparse.Namespace, studio: Studio) -> int:
@@ -150,7 +120,7 @@ def cmd_extend(args: argparse.Namespace, studio: Studio) -> int:
         studio, args.effects, from_run=args.from_run, steps=steps, config_overrides=overrides
     )
     print(f"queued extension run {run_id}: run {args.from_run} + {', '.join(args.effects)} ({steps} steps)")
-    return _follow(studio, run_id) if args.wait else 0
+    return follow_run(studio, run_id) if args.wait else 0
 
 
 def cmd_export(args: argparse.Namespace, studio: Studio) -> int:
@@ -174,7 +144,7 @@ def cmd_status(args: argparse.Namespace, studio: Studio) -> int:
 
     v = distill_service.status(studio, args.run_id)
     print(f"run {v.id} ({v.kind}) {v.name}".rstrip())
-    print(f"status:   {v.status}, step {v.step}/{v.total or '?'} ({v.progress:.0%}), eta {_eta(v.eta_s)}")
+    print(f"status:   {v.status}, step {v.step}/{v.total or '?'} ({v.progress:.0%}), eta {eta_text(v.eta_s)}")
     losses = {k: x for k, x in v.metrics.items() if isinstance(x, int | float) and not k.startswith("eta")}
     if losses:
         print("metrics:  " + ", ".join(f"{k} {x:.4g}" for k, x in sorted(losses.items())))

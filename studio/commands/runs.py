@@ -8,6 +8,7 @@ from datetime import datetime
 
 from .. import runs
 from ..context import Studio
+from .follow import eta_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,13 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_logs)
 
 
-def _eta(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def _when(t: datetime | None) -> str:
     return t.astimezone().strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
@@ -55,7 +49,7 @@ def cmd_list(args: argparse.Namespace, studio: Studio) -> None:
     for v in views:
         steps = f"{v.step}/{v.total}" if v.total else "-"
         print(
-            f"{v.id}\t{v.kind}\t{_state(v)}\t{v.progress:.0%}\t{steps}\teta {_eta(v.eta_s)}\t{v.name or '-'}"
+            f"{v.id}\t{v.kind}\t{_state(v)}\t{v.progress:.0%}\t{steps}\teta {eta_text(v.eta_s)}\t{v.name or '-'}"
         )
 
 
@@ -63,7 +57,7 @@ def cmd_show(args: argparse.Namespace, studio: Studio) -> None:
     v = runs.run_status(studio, args.run_id, log_lines=15)
     print(f"run:        {v.id} {v.name}".rstrip())
     print(f"kind:       {v.kind}\nstatus:     {_state(v)}")
-    print(f"progress:   {v.progress:.1%} (step {v.step} of {v.total or '?'}), eta {_eta(v.eta_s)}")
+    print(f"progress:   {v.progress:.1%} (step {v.step} of {v.total or '?'}), eta {eta_text(v.eta_s)}")
     print(f"created:    {_when(v.created_at)}\nstarted:    {_when(v.started_at)}")
     print(f"finished:   {_when(v.finished_at)}\nworker:     {v.pid or '-'} on {v.host or '-'}")
     if v.checkpoint:

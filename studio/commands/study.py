@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from ..context import Studio
+from .follow import follow_run
 
 DEFAULT_URL = "http://127.0.0.1:8189"
-POLL_S = 2.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -88,7 +87,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_create(args: argparse.Namespace, studio: Studio) -> int:
-    from .. import runs
     from .. import study_service as ss
 
     sources: list[str] | int | None = args.bench_sources
@@ -115,16 +113,8 @@ def cmd_create(args: argparse.Namespace, studio: Studio) -> int:
     )
     print(f"generating the images in run {info.run_id} (`python -m studio runs show {info.run_id}`)")
     if args.wait and info.run_id is not None:
-        while True:
-            v = runs.run_status(studio, info.run_id)
-            print(f"\r{v.status} {v.progress:.0%}", end="", flush=True)
-            if v.finished:
-                print()
-                if v.status != "succeeded":
-                    print(f"error: the generation run {v.status}: {v.error or ''}", file=sys.stderr)
-                    return 1
-                break
-            time.sleep(POLL_S)
+        if follow_run(studio, info.run_id):
+            return 1
         print(f"study {study_id} is open; add voters: python -m studio study voters {study_id} --add NAME...")
     return 0
 

@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 from ..context import Studio
-
-POLL_S = 2.0
+from .follow import follow_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -89,26 +88,6 @@ def _train_here(studio: Studio, effect: str, config, backbone=None) -> int:
     return 0
 
 
-def _follow(studio: Studio, run_id: int) -> int:
-    from .. import runs
-
-    last = None
-    while True:
-        view = runs.run_status(studio, run_id, log_lines=0)
-        line = f"run {run_id}: {view.status} {view.step}/{view.total}"
-        if "loss" in view.metrics:
-            line += f" loss {view.metrics['loss']:.4f}"
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if view.finished:
-            if view.status != "succeeded":
-                print(f"run {run_id} {view.status}: {view.error or ''}", file=sys.stderr)
-                return 1
-            return 0
-        time.sleep(POLL_S)
-
-
 def cmd_train(args: argparse.Namespace, studio: Studio) -> int:
     from .. import teachers_service
 
@@ -117,7 +96,7 @@ def cmd_train(args: argparse.Namespace, studio: Studio) -> int:
         return _train_here(studio, args.effect, config)
     run_id = teachers_service.submit_training(studio, args.effect, config)
     print(f"queued run {run_id}: teacher of '{args.effect}' ({config.steps} steps)")
-    return _follow(studio, run_id) if args.wait else 0
+    return follow_run(studio, run_id) if args.wait else 0
 
 
 def cmd_train_all(args: argparse.Namespace, studio: Studio) -> int:

@@ -152,8 +152,10 @@ def finished_students(studio: Studio) -> list[StudentChoice]:
     out = []
     for lora, run_name in rows:
         effects = tuple((lora.meta or {}).get("effects") or [])
-        where = f"run #{lora.run_id}" + (f" {run_name}" if run_name else "") if lora.run_id else "imported"
-        out.append(StudentChoice(lora.run_id, lora.id, f"{where}: {len(effects)} effects", effects))
+        shown = ", ".join(effects[:4]) + (f" +{len(effects) - 4} more" if len(effects) > 4 else "")
+        where = f"run #{lora.run_id}" if lora.run_id else f"file #{lora.id}"
+        label = f"{where}{f' {run_name}' if run_name else ''} ({shown})"
+        out.append(StudentChoice(lora.run_id, lora.id, label, effects))
     return out
 
 

@@ -24,6 +24,7 @@ from .. import distill_service, preview_service, teachers_service
 from ..context import Studio
 from ..distill_service import DistillError
 from ..preview_service import PreviewError, SwitchCost
+from . import runs_view
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Cost:
     teacher_files: list[Path]
     teacher_bytes: int
     student_bytes: int
+    student_steps: int
     switch: SwitchCost | None = None
 
     @property
@@ -54,7 +56,7 @@ class Cost:
 
     def table(self) -> pd.DataFrame:
         if self.switch is None:
-            per_query = "measure it below"
+            per_query = "press “Measure the LoRA-bank switch cost”"
         else:
             per_query = (
                 f"{self.switch.mean_seconds * 1000:.0f} ms mean, {self.switch.max_seconds * 1000:.0f} ms max"
@@ -121,7 +123,8 @@ def teacher_files(studio: Studio, run_id: int) -> list[LoraFile]:
 def cost(studio: Studio, run_id: int, student_path: Path, switch: SwitchCost | None = None) -> Cost:
     paths = [preview_service.lora_path(studio, t) for t in teacher_files(studio, run_id)]
     paths = [p for p in paths if p.is_file()]
-    return Cost(paths, sum(p.stat().st_size for p in paths), Path(student_path).stat().st_size, switch)
+    steps = read_catalog(student_path).student_steps
+    return Cost(paths, sum(p.stat().st_size for p in paths), Path(student_path).stat().st_size, steps, switch)
 
 
 def _summary(c: Cost) -> str:
@@ -130,7 +133,7 @@ def _summary(c: Cost) -> str:
     return (
         f"One {_size(c.student_bytes)} file replaces {len(c.teacher_files)} teacher LoRAs "
         f"({_size(c.teacher_bytes)}; {c.ratio:.1f}× the bytes) and the per-query LoRA switching, "
-        "at 8 steps without a separate Lightning LoRA."
+        f"at {c.student_steps} steps without a separate Lightning LoRA."
     )
 
 
@@ -248,6 +251,7 @@ def build(studio: Studio, app: gr.Blocks) -> None:
     outputs = [run_in, catalog_df, cost_df, summary, file_out, error]
 
     app.load(lambda: show(studio, None).updates(), outputs=outputs)
+    runs_view.on_tab_selected(lambda r: show(studio, r).updates()[:4], [run_in], outputs[:4])
     run_in.input(lambda r: show(studio, r).updates(), run_in, outputs)
     export_btn.click(
         lambda r, f: export_file(studio, r, f).updates(), [run_in, fmt_in], outputs, concurrency_limit=1

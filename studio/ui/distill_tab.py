@@ -30,7 +30,8 @@ from .runs_view import SettingsError, parse_extra
 
 log = logging.getLogger(__name__)
 
-CURVES = ["loss", "ta_fm", "dmd_ts", "dmd_bs", "dmd_bs_general", "critic"]
+GENERATOR_CURVES = ["loss", "ta_fm", "dmd_ts", "dmd_bs", "dmd_bs_general"]
+CRITIC_CURVES = ["critic"]  # its own plot: the critic's flow-matching loss is on another scale
 CURATOR_ERRORS = (
     DistillError,
     SettingsError,
@@ -109,7 +110,8 @@ class Panel:
     """The selected run's live part (what the timer refreshes) and the run history."""
 
     progress: str
-    curves: pd.DataFrame
+    curves: pd.DataFrame  # generator losses, long format (step, value, metric)
+    critic: pd.DataFrame
     samples: list[tuple]
     log: str
     active: bool
@@ -121,6 +123,7 @@ class Panel:
         return (
             self.progress,
             self.curves,
+            self.critic,
             self.samples,
             self.log,
             gr.update(visible=self.can_stop),
@@ -159,7 +162,8 @@ def distill_runs(studio: Studio) -> list[RunView]:
 
 
 def _empty_panel() -> Panel:
-    return Panel(runs_view.progress_html(None), runs_view.curves_frame([]), [], "", False, False, False)
+    empty = runs_view.curves_frame([])
+    return Panel(runs_view.progress_html(None), empty, empty, [], "", False, False, False)
 
 
 def panel(studio: Studio, run_id: int | None) -> Panel:
@@ -171,7 +175,8 @@ def panel(studio: Studio, run_id: int | None) -> Panel:
         return p
     return Panel(
         runs_view.progress_html(view, ("loss", "critic")),
-        runs_view.curves(studio, view.id, CURVES),
+        runs_view.curves(studio, view.id, GENERATOR_CURVES),
+        runs_view.curves(studio, view.id, CRITIC_CURVES),
         runs_view.sample_gallery(studio, view),
         view.log_tail,
         runs_view.is_active(view),
@@ -181,13 +186,22 @@ def panel(studio: Studio, run_id: int | None) -> Panel:
     )
 
 
-def render(studio: Studio, run_id: int | None = None, notice: str = "", error: str = "") -> View:
+def render(
+    studio: Studio,
+    run_id: int | None = None,
+    notice: str = "",
+    error: str = "",
+    chosen: list[str] | None = None,
+) -> View:
+    """The tab from the database. Ticked effects: ``chosen`` (those still there), else every effect
+    with a teacher."""
     views = distill_runs(studio)
     if run_id is None or all(v.id != run_id for v in views):
         run_id = runs_view.default_run(views)
     teachers = teachers_service.list_teachers(studio)
     names = [t.effect for t in teachers]
-    chosen = [t.effect for t in teachers if t.lora is not None]
+    kept = [n for n in chosen or [] if n in names]
+    chosen = kept or [t.effect for t in teachers if t.lora is not None]
     students = [
         (c.label, c.run_id) for c in preview_service.finished_students(studio) if c.run_id is not None
     ]
@@ -348,19 +362,30 @@ def build(studio: Studio, app: gr.Blocks) -> None:
     with gr.Row():
         stop_btn = gr.Button("Stop", variant="stop", visible=False, elem_id="distill-stop")
         resume_btn = gr.Button("Resume", visible=False, elem_id="distill-resume")
-    plot = gr.LinePlot(
-        value=runs_view.curves_frame([]),
-        x="step",
-        y="value",
-        color="metric",
-        title="Losses",
-        height=280,
-        elem_id="distill-plot",
-    )
+    with gr.Row():
+        # No initial value: an empty frame would fix the axes' types before the first points arrive.
+        plot = gr.LinePlot(
+            x="step",
+            y="value",
+            color="metric",
+            title="Generator losses",
+            height=260,
+            scale=2,
+            elem_id="distill-plot",
+        )
+        critic_plot = gr.LinePlot(
+            x="step",
+            y="value",
+            color="metric",
+            title="Critic loss",
+            height=260,
+            scale=1,
+            elem_id="distill-critic-plot",
+        )
     samples = gr.Gallery(
-        label="Sample grids (newest first)",
-        columns=3,
-        height="auto",
+        label="Sample grids, newest first (each row: source | teacher target | student)",
+        columns=4,
+        height=320,
         object_fit="contain",
         format="png",
         elem_id="distill-samples",
@@ -386,7 +411,7 @@ def build(studio: Studio, app: gr.Blocks) -> None:
         extend_btn = gr.Button("Extend", elem_id="distill-extend")
     timer = gr.Timer(runs_view.POLL_S, active=False)
 
-    panel_outputs = [progress, plot, samples, log_box, stop_btn, resume_btn, timer, history]
+    panel_outputs = [progress, plot, critic_plot, samples, log_box, stop_btn, resume_btn, timer, history]
     view_outputs = [notice, error, effects_in, run_in, from_in, new_in, *panel_outputs]
 
     def out(view: View) -> tuple:
@@ -399,7 +424,11 @@ def build(studio: Studio, app: gr.Blocks) -> None:
         form = Form(steps, p, tmax, tmin, lr, critic, list(switches or []))
         return out(launch(studio, effects, form, extra, name))
 
+    def on_select(run_id, chosen):
+        return (*out(render(studio, run_id, chosen=chosen)), runs_view.active_runs_markdown(studio))
+
     app.load(on_load, outputs=[*view_outputs, active_md])
+    runs_view.on_tab_selected(on_select, [run_in, effects_in], [*view_outputs, active_md])
     launch_btn.click(
         on_launch,
         [effects_in, steps_in, p_in, tmax_in, tmin_in, lr_in, critic_in, switches_in, extra_in, name_in],

@@ -23,6 +23,7 @@ from .. import preview_service
 from ..context import Studio
 from ..preview_service import PreviewError, QuickEval
 from ..runs import REPO_ROOT
+from . import runs_view
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,12 @@ def build(studio: Studio, app: gr.Blocks) -> None:
 
         return quick_eval(studio, run_id, n, report).updates()
 
+    def on_select(run_id):
+        choices = student_choices(studio)
+        ids = [r for _, r in choices]
+        return gr.update(choices=choices, value=run_id if run_id in ids else (ids[0] if ids else None))
+
     app.load(on_load, outputs=[run_in, tables, plots])
+    runs_view.on_tab_selected(on_select, [run_in], [run_in])
     refresh_btn.click(on_refresh, None, [tables, plots])
     go_btn.click(on_eval, [run_in, n_in], [table, summary, error], concurrency_limit=1)

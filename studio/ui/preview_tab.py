@@ -21,6 +21,7 @@ from .. import preview_service
 from ..context import Studio
 from ..library import LibraryError
 from ..preview_service import PreviewError, PreviewResult
+from . import runs_view
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,15 @@ def build(studio: Studio, app: gr.Blocks) -> None:
             gr.update(choices=labels, value=labels[0] if labels else None),
         )
 
+    def on_select(run_id, a, b):
+        try:
+            view = render(studio, run_id, a, None if b == NONE else b)
+        except CURATOR_ERRORS as e:
+            view = View([], None, [], None, None, error=str(e))
+        return view.updates()[:3]
+
     app.load(on_load, outputs=[*outputs, bench_in])
+    runs_view.on_tab_selected(on_select, [run_in, a_in, b_in], [run_in, a_in, b_in])
     run_in.input(lambda r: choose_run(studio, r).updates(), run_in, outputs)
     go_btn.click(
         lambda r, a, b, im, src, sd: run_preview(studio, r, a, b, im, src, sd).updates(),

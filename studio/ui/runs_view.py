@@ -1,8 +1,9 @@
 """Run-progress pieces the Teachers and Distill tabs share: a progress bar, curves, sample grids,
 history tables, and the re-attachment of runs that outlived the UI.
 
-No Gradio components here: plain functions from ``studio.runs`` views to HTML, DataFrames and images,
-so tabs and tests call the same code. A run is its own process; the UI only reads its row.
+Plain functions from ``studio.runs`` views to HTML, DataFrames and images, so tabs and tests call the
+same code (plus ``on_tab_selected``, one wiring helper). A run is its own process; the UI only reads
+its row.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import io
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
 import pandas as pd
+from gradio.context import Context
 from PIL import Image
 
 from storage import BlobNotFoundError, BlobStoreError, RunStatus
@@ -217,7 +220,8 @@ def sample_gallery(studio: Studio, view: RunView | None) -> list[tuple[Image.Ima
 
 
 def curves_frame(rows: list[tuple[int, float, str]]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=["step", "value", "metric"])
+    df = pd.DataFrame(rows, columns=["step", "value", "metric"])
+    return df.astype({"step": "int64", "value": "float64", "metric": "object"})
 
 
 def curves(studio: Studio, run_id: int | None, names: Iterable[str]) -> pd.DataFrame:
@@ -245,8 +249,8 @@ def history_table(views: Iterable[RunView], loss_key: str = "loss") -> pd.DataFr
 
 
 def run_choices(views: Iterable[RunView]) -> list[tuple[str, int]]:
-    """Dropdown choices: ('#12 distill 3 effects (running)', 12)."""
-    return [(f"#{v.id} {v.name or v.kind} ({v.status})", v.id) for v in views]
+    """Dropdown choices: ('#12 distill 3 effects', 12) (the status is in the progress bar)."""
+    return [(f"#{v.id} {v.name or v.kind}", v.id) for v in views]
 
 
 def default_run(views: list[RunView]) -> int | None:
@@ -277,3 +281,12 @@ def active_runs_markdown(studio: Studio) -> str:
         return ""
     items = [f"#{v.id} {v.name or v.kind} ({status_line(v)})" for v in active]
     return "**Runs in progress:** " + "; ".join(items)
+
+
+def on_tab_selected(fn: Callable, inputs: Sequence[gr.components.Component], outputs: Sequence) -> None:
+    """Re-read a tab when the curator switches to it (other tabs change the studio meanwhile).
+
+    Call inside the tab's builder: the enclosing ``gr.Tab`` gets the select event."""
+    tab = Context.block
+    if isinstance(tab, gr.Tab):
+        tab.select(fn, list(inputs), list(outputs), show_progress="hidden")

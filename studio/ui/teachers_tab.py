@@ -330,7 +330,7 @@ def build(studio: Studio, app: gr.Blocks) -> None:
         stop_btn = gr.Button("Stop", variant="stop", visible=False, elem_id="teachers-stop")
         resume_btn = gr.Button("Resume", visible=False, elem_id="teachers-resume")
     samples = gr.Image(
-        label="Samples of the latest checkpoint (source | teacher | target)",
+        label="Samples of the latest checkpoint (rows: sources, teacher outputs, targets)",
         type="pil",
         interactive=False,
         elem_id="teachers-samples",
@@ -358,7 +358,11 @@ def build(studio: Studio, app: gr.Blocks) -> None:
     def on_load():
         return (*out(render(studio)), runs_view.active_runs_markdown(studio))
 
+    def on_select(effect, run_id):
+        return (*out(render(studio, effect, run_id)), runs_view.active_runs_markdown(studio))
+
     app.load(on_load, outputs=[*view_outputs, active_md])
+    runs_view.on_tab_selected(on_select, [effect_in, run_in], [*view_outputs, active_md])
     train_btn.click(
         lambda e, r, s, lr, x: out(start_training(studio, e, r, s, lr, x)),
         [effect_in, rank_in, steps_in, lr_in, extra_in],

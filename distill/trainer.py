@@ -119,7 +119,9 @@ class CollectionDistiller:
             steps=config.target_steps,
             cfg=config.teacher_cfg,
             general_per_effect=config.target_general_sources,
-            root=self.work_dir / "targets",
+            root=self.work_dir / "targets"
+            if self.is_main
+            else None,  # one writer; ranks build identical targets
             seed=config.seed,
         )
         self.general_images = backbone.prepare_images(general.images)
@@ -294,6 +296,14 @@ class CollectionDistiller:
         s_crit = self._uniform(self.cfg.s_min, self.cfg.s_max, len(x_g))
         return dmd_step(x_g, s_crit, batch["real"], batch["fake"], self.gen)
 
+    def _any_rank(self, flag: bool) -> bool:
+        """Every rank must leave the loop together (a stop seen by the main rank's reporter)."""
+        if self.world == 1:
+            return flag
+        return bool(
+            self.acc.reduce(torch.tensor([float(flag)], device=self.bb.device), reduction="sum").item() > 0
+        )
+
     def _sync(self, params: list[torch.nn.Parameter]) -> None:
         if self.world == 1:
             return
@@ -317,7 +327,7 @@ class CollectionDistiller:
         metrics: dict[str, float] = {}
         stopped = False
         while self.step < cfg.steps:
-            if self.reporter.should_stop():
+            if self._any_rank(self.reporter.should_stop()):
                 stopped = True
                 break
             pool = self.critic_pool()

@@ -1,7 +1,8 @@
 """Training state to disk and back without pickle: tensors in safetensors, the rest in JSON.
 
-A checkpoint is a folder written beside its final name and renamed into place, so a kill at any
-moment leaves either the previous complete checkpoint or the new one, never half of one.
+A checkpoint is a folder written beside its final name and renamed into place (``atomic_dir``), so a
+kill at any moment leaves either the previous complete checkpoint or the new one, never half of one.
+Trainers keep them as ``step-NNNNNN`` folders in one checkpoint folder.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 COMPLETE = "COMPLETE"
+STEP_PREFIX = "step-"
 
 
 def flatten_optimizer(
@@ -49,25 +53,40 @@ def unflatten_optimizer(
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Atomically write ``path/`` with ``state.safetensors`` and ``meta.json``."""
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Fill the yielded folder (beside ``path``); on success its files are made durable and it is
+    swapped in for ``path`` (any previous ``path`` is dropped). On an error ``path`` is untouched."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    (tmp / COMPLETE).write_text("ok")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in tmp.rglob("*"):  # durable before the rename makes it visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
-    return path
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Atomically write ``path/`` with ``state.safetensors`` and ``meta.json``."""
+    with atomic_dir(path) as tmp:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors")
+        )
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / COMPLETE).write_text("ok")
+    return Path(path)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -77,14 +96,35 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return load_file(str(path / "state.safetensors")), json.loads((path / "meta.json").read_text())
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete ``step-*`` checkpoint in ``folder``."""
+def step_dir(folder: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` goes: ``folder/step-NNNNNN``."""
+    return Path(folder) / f"{STEP_PREFIX}{step:06d}"
+
+
+def _is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / COMPLETE).exists() and not path.name.endswith((".tmp", ".old"))
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """The complete ``step-*`` checkpoints in ``folder``, oldest first."""
     folder = Path(folder)
-    if not folder.exists():
-        return None
-    done = [
-        p
-        for p in folder.glob("step-*")
-        if p.is_dir() and (p / COMPLETE).exists() and not p.name.endswith((".tmp", ".old"))
-    ]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    if not folder.is_dir():
+        return []
+    done = [p for p in folder.glob(STEP_PREFIX + "*") if _is_complete(p)]
+    return sorted(done, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
+
+
+def latest_checkpoint(path: Path) -> Path | None:
+    """``path`` itself if it is a complete checkpoint, else the newest complete one in it."""
+    path = Path(path)
+    if _is_complete(path):
+        return path
+    found = list_checkpoints(path)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints in ``folder``."""
+    found = list_checkpoints(folder)
+    for old in found[: len(found) - max(keep, 0)]:
+        shutil.rmtree(old, ignore_errors=True)

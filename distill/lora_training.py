@@ -13,10 +13,7 @@ JSON, written atomically), so a resumed run continues the very same trajectory.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -25,18 +22,25 @@ from typing import Any
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from .backbones import adapters
 from .backbones.adapters import DEFAULT_TARGETS, LoraSpec
 from .backbones.base import Backbone, Condition
 from .callbacks import NullReporter, Reporter
+from .checkpointing import (
+    flatten_optimizer,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    step_dir,
+    unflatten_optimizer,
+)
 from .flow import TimestepSampling, add_noise, sample_timesteps, velocity_target
 from .images import psnr, resize, to_pil, to_tensor
 from .sampling import euler_sample
 
-CHECKPOINT_FORMAT = 1
-_CKPT_PREFIX = "step-"
+CHECKPOINT_FORMAT = 2  # 2: one state.safetensors + meta.json, as distill.checkpointing writes
 
 ImageLike = torch.Tensor | Image.Image
 TrainPair = tuple[ImageLike, ImageLike, str]
@@ -267,25 +271,7 @@ def _trainable(transformer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in transformer.named_parameters() if p.requires_grad}
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    sd = opt.state_dict()
-    tensors = {}
-    for i, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"optimizer.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return tensors, sd["param_groups"]
-
-
-def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith("optimizer."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
-    return {"state": state, "param_groups": groups}
-
-
-def save_checkpoint(
+def _save_checkpoint(
     directory: Path,
     step: int,
     adapter_name: str,
@@ -295,60 +281,22 @@ def save_checkpoint(
     generator: torch.Generator,
     losses: list[float],
 ) -> Path:
-    """Write ``directory/step-NNNNNN/`` atomically (a temp folder renamed into place)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{_CKPT_PREFIX}{step:06d}"
-    tmp = directory / f".tmp-{_CKPT_PREFIX}{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "adapter.safetensors")
-    opt_tensors, groups = _optimizer_tensors(opt)
-    opt_tensors = {k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()}
-    opt_tensors["rng.generator"] = generator.get_state()
-    opt_tensors["rng.torch"] = torch.get_rng_state()
-    save_file(opt_tensors, tmp / "trainer.safetensors")
-    state = {
+    """Write ``directory/step-NNNNNN/``: adapter weights, optimizer and RNG state, loss history."""
+    tensors: dict[str, torch.Tensor] = {f"adapter/{n}": p for n, p in params.items()}
+    opt_tensors, opt_meta = flatten_optimizer(opt, "opt")
+    tensors.update(opt_tensors)
+    tensors["rng/generator"] = generator.get_state()
+    tensors["rng/torch"] = torch.get_rng_state()
+    meta = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
         "adapter_name": adapter_name,
         "config": config.to_dict(),
         "param_names": list(params),
-        "param_groups": groups,
+        "optimizer": opt_meta,
         "losses": losses,
     }
-    (tmp / "state.json").write_text(json.dumps(state))
-    for f in tmp.iterdir():  # durable before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints under ``directory``, oldest first."""
-    if not directory.is_dir():
-        return []
-    return sorted(
-        p
-        for p in directory.iterdir()
-        if p.is_dir() and p.name.startswith(_CKPT_PREFIX) and (p / "state.json").exists()
-    )
-
-
-def latest_checkpoint(path: Path) -> Path | None:
-    """``path`` itself if it is a checkpoint, else the newest checkpoint inside it."""
-    path = Path(path)
-    if (path / "state.json").exists():
-        return path
-    found = list_checkpoints(path)
-    return found[-1] if found else None
-
-
-def _prune(directory: Path, keep: int) -> None:
-    for old in list_checkpoints(directory)[: -keep if keep > 0 else None]:
-        shutil.rmtree(old, ignore_errors=True)
+    return save_checkpoint(step_dir(directory, step), tensors, meta)
 
 
 def _load_checkpoint(
@@ -358,24 +306,27 @@ def _load_checkpoint(
     opt: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> tuple[int, list[float]]:
-    state = json.loads((path / "state.json").read_text())
-    saved = LoraTrainConfig.from_dict(state["config"])
+    tensors, meta = load_checkpoint(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"The checkpoint {path} is not a LoRA training checkpoint this version can resume; "
+            "start a new training."
+        )
+    saved = LoraTrainConfig.from_dict(meta["config"])
     same = ("rank", "alpha", "target_modules", "batch", "seed")
     changed = [k for k in same if getattr(saved, k) != getattr(config, k)]
-    if changed or state["param_names"] != list(params):
+    if changed or meta["param_names"] != list(params):
         raise ValueError(
             f"The checkpoint {path} was made with different LoRA settings ({', '.join(changed) or 'layers'}); "
             "resume with the settings it was trained with, or start a new training."
         )
-    weights = load_file(path / "adapter.safetensors")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(weights[n].to(p))
-    trainer = load_file(path / "trainer.safetensors")
-    opt.load_state_dict(_optimizer_state(trainer, state["param_groups"]))
-    generator.set_state(trainer["rng.generator"])
-    torch.set_rng_state(trainer["rng.torch"])
-    return int(state["step"]), [float(x) for x in state["losses"]]
+            p.copy_(tensors[f"adapter/{n}"].to(p))
+    unflatten_optimizer(opt, "opt", tensors, meta["optimizer"])
+    generator.set_state(tensors["rng/generator"])
+    torch.set_rng_state(tensors["rng/torch"])
+    return int(meta["step"]), [float(x) for x in meta["losses"]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -445,8 +396,8 @@ def train_lora(
         nonlocal last_ckpt
         if checkpoint_dir is None:
             return
-        last_ckpt = save_checkpoint(Path(checkpoint_dir), at, adapter_name, config, params, opt, g, losses)
-        _prune(Path(checkpoint_dir), config.keep_checkpoints)
+        last_ckpt = _save_checkpoint(Path(checkpoint_dir), at, adapter_name, config, params, opt, g, losses)
+        prune_checkpoints(Path(checkpoint_dir), config.keep_checkpoints)
         reporter.checkpoint(at, last_ckpt)
 
     def result(stopped: bool) -> TrainResult:

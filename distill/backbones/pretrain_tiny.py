@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..checkpointing import atomic_dir
 from ..effectbench.general import GENERAL_EDITS, general_sample
 from ..flow import add_noise, sample_timesteps, velocity_target
 from ..images import psnr, resize, to_tensor
@@ -81,16 +81,9 @@ def evaluate(editor: TinyEditor, cfg: PretrainConfig) -> dict[str, float]:
 
 def save(editor: TinyEditor, out: Path, recipe: dict) -> None:
     """Atomic: write beside, then swap in."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    editor.save_pretrained(tmp)
-    (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out) as tmp:
+        editor.save_pretrained(tmp)
+        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,10 +7,11 @@ and for the baselines that share this code (Lightning = the general stream alone
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .backbones.adapters import LoraSpec
+from .settings import checked_settings
 
 
 @dataclass
@@ -80,17 +81,12 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown distillation setting(s): {', '.join(sorted(unknown))}")
-        d = dict(d)
+        d = checked_settings(cls, d, "unknown distillation setting(s): {names}")
         for key in ("student_lora", "fake_lora"):
             if isinstance(d.get(key), dict):
-                spec = dict(d[key])
-                if "target_modules" in spec:
-                    spec["target_modules"] = tuple(spec["target_modules"])
-                d[key] = LoraSpec(**spec)
+                d[key] = LoraSpec(
+                    **checked_settings(LoraSpec, d[key], f"unknown {key} setting(s): {{names}}")
+                )
         return cls(**d)
 
     @classmethod

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from .checkpointing import (
 from .flow import TimestepSampling, add_noise, sample_timesteps, velocity_target
 from .images import psnr, resize, to_pil, to_tensor
 from .sampling import euler_sample
+from .settings import checked_settings
 
 CHECKPOINT_FORMAT = 2  # 2: one state.safetensors + meta.json, as distill.checkpointing writes
 
@@ -93,14 +94,7 @@ class LoraTrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoraTrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Unknown LoRA training setting(s): {', '.join(sorted(unknown))}.")
-        d = dict(d)
-        if "target_modules" in d:
-            d["target_modules"] = tuple(d["target_modules"])
-        return cls(**d)
+        return cls(**checked_settings(cls, d, "Unknown LoRA training setting(s): {names}."))
 
     def spec(self) -> LoraSpec:
         return LoraSpec(

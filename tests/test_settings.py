@@ -1,0 +1,34 @@
+"""Typed configs from JSON dicts: unknown keys are named, lists come back as tuples, round trips hold."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distill.backbones.adapters import LoraSpec
+from distill.config import DistillConfig
+from distill.lora_training import LoraTrainConfig
+from distill.settings import checked_settings
+
+
+def test_checked_settings_names_unknown_keys_and_restores_tuples() -> None:
+    d = {"rank": 4, "target_modules": ["to_q", "to_k"]}
+    out = checked_settings(LoraSpec, d, "nope: {names}")
+    assert out == {"rank": 4, "target_modules": ("to_q", "to_k")} and d["target_modules"] == ["to_q", "to_k"]
+    with pytest.raises(ValueError, match=r"^nope: rnak, zeta$"):
+        checked_settings(LoraSpec, {"zeta": 1, "rank": 4, "rnak": 4}, "nope: {names}")
+
+
+def test_configs_survive_json_and_reject_typos() -> None:
+    distill = DistillConfig.for_backbone("tiny", student_lora=LoraSpec(rank=8, target_modules=("to_q",)))
+    assert DistillConfig.from_dict(json.loads(json.dumps(distill.to_dict()))) == distill
+    lora = LoraTrainConfig.for_backbone("tiny", rank=4)
+    assert LoraTrainConfig.from_dict(json.loads(json.dumps(lora.to_dict()))) == lora
+
+    with pytest.raises(ValueError, match=r"unknown distillation setting\(s\): lr_teacher"):
+        DistillConfig.from_dict({**distill.to_dict(), "lr_teacher": 1.0})
+    with pytest.raises(ValueError, match=r"unknown student_lora setting\(s\): rnak"):
+        DistillConfig.from_dict({**distill.to_dict(), "student_lora": {"rnak": 4}})
+    with pytest.raises(ValueError, match=r"Unknown LoRA training setting\(s\): bogus\."):
+        LoraTrainConfig.from_dict({"bogus": 1})

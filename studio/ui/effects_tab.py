@@ -23,6 +23,7 @@ from ..context import Studio
 from ..library import LibraryError
 from ..pairsets import PairSetError
 from . import services
+from .common import error_view, guarded
 
 log = logging.getLogger(__name__)
 
@@ -102,26 +103,24 @@ def render(studio: Studio, selected: str | None, notice: str = "", error: str = 
 
 def _guarded(studio: Studio, selected: str | None, action: Callable[[], tuple[str, str | None]]) -> View:
     """Run `action` (returns a notice and the effect to show); errors become the error box, not a traceback."""
-    try:
+
+    def run() -> View:
+        nonlocal selected
         notice, selected = action()
         return render(studio, selected, notice=notice)
-    except CURATOR_ERRORS as e:
-        return _render_error(studio, selected, str(e))
-    except Exception as e:
-        log.exception("Effects tab action failed")
-        return _render_error(
-            studio,
-            selected,
-            f"Something unexpected went wrong ({type(e).__name__}); the details are in the studio's log.",
-        )
+
+    return guarded(
+        run, lambda m: _render_error(studio, selected, m), CURATOR_ERRORS, log, "Effects tab action"
+    )
 
 
 def _render_error(studio: Studio, selected: str | None, message: str) -> View:
-    try:
-        return render(studio, selected, error=message)
-    except Exception:  # the library itself is unreadable: still show the message
-        log.exception("Effects tab could not re-read the library")
-        return View("", message, pd.DataFrame(columns=TABLE_HEADERS), [], None, False, "", [], [], "", 0)
+    return error_view(
+        lambda: render(studio, selected, error=message),
+        lambda: View("", message, pd.DataFrame(columns=TABLE_HEADERS), [], None, False, "", [], [], "", 0),
+        log,
+        "Effects tab could not re-read the library",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from ..context import Studio
 from ..library import LibraryError
 from ..runs import RunError
 from ..study_service import StudyError
+from .common import error_view, guarded
 
 log = logging.getLogger(__name__)
 
@@ -152,27 +153,25 @@ def render(studio: Studio, selected: int | None, notice: str = "", error: str = 
 
 def _guarded(studio: Studio, selected: int | None, action: Callable[[], tuple[str, int | None, str]]) -> View:
     """Run ``action`` (returns a notice, the study to show, links); errors go to the error box."""
-    try:
+
+    def run() -> View:
+        nonlocal selected
         notice, selected, links = action()
         return render(studio, selected, notice=notice, links=links)
-    except CURATOR_ERRORS as e:
-        return _render_error(studio, selected, str(e))
-    except Exception as e:
-        log.exception("User study tab action failed")
-        return _render_error(
-            studio,
-            selected,
-            f"Something unexpected went wrong ({type(e).__name__}); the details are in the studio's log.",
-        )
+
+    return guarded(
+        run, lambda m: _render_error(studio, selected, m), CURATOR_ERRORS, log, "User study tab action"
+    )
 
 
 def _render_error(studio: Studio, selected: int | None, message: str) -> View:
-    try:
-        return render(studio, selected, error=message)
-    except Exception:
-        log.exception("User study tab could not re-read the studies")
-        empty = pd.DataFrame()
-        return View("", message, empty, [], None, "", empty, "", None, empty)
+    empty = pd.DataFrame()
+    return error_view(
+        lambda: render(studio, selected, error=message),
+        lambda: View("", message, empty, [], None, "", empty, "", None, empty),
+        log,
+        "User study tab could not re-read the studies",
+    )
 
 
 def _lines(text: str | None) -> list[str]:

@@ -10,6 +10,7 @@ is not thread-safe), so two browser tabs previewing at once take turns.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -38,6 +39,7 @@ from distill.evaluation import (
 )
 from distill.export import Catalog, CatalogEntry, CatalogError, compose_prompt, read_catalog
 from distill.images import to_tensor
+from distill.serving import BANK_PREFIX, BankEntry, LoraBankEditor
 from distill.teachers import TEACHER_CFG, TEACHER_STEPS
 from storage import Evaluation, LoraFile, LoraKind, Run, RunKind, RunStatus
 
@@ -433,30 +435,45 @@ def quick_evaluate(
 @dataclass
 class SwitchCost:
     files: int
-    mean_seconds: float  # reading one teacher LoRA file and making it the active adapter
+    queries: int
+    switches: int  # queries that needed another teacher file than the one loaded
+    mean_seconds: float  # per switch: reading the file and swapping it in
     max_seconds: float
 
+    @property
+    def per_query(self) -> float:
+        return self.switches / self.queries if self.queries else 0.0
 
-def measure_switch_cost(studio: Studio, loras: list[LoraFile], repeats: int = 1) -> SwitchCost:
-    """Time what a LoRA bank pays per query that needs another effect: load the teacher file onto the
-    backbone as a fresh adapter and activate it (then drop it again)."""
-    if not loras:
+
+def measure_switch_cost(
+    studio: Studio, teachers: dict[str, LoraFile], queries: int = 20, seed: int = 0
+) -> SwitchCost:
+    """What a LoRA bank pays to serve a seeded stream of ``queries`` requests spread over these effects'
+    teacher files: ``LoraBankEditor.prepare``, the code the serving API runs, on this backbone (no
+    Lightning LoRA stacked). The bank's adapters are dropped afterwards."""
+    if not teachers:
         raise PreviewError("There are no teacher LoRA files to measure.")
-    times = []
+    bank = [
+        BankEntry(name, lora_path(studio, lora), str((lora.meta or {}).get("teacher_prompt") or name))
+        for name, lora in teachers.items()
+    ]
+    rng = random.Random(seed)
+    stream = [rng.choice(list(teachers)) for _ in range(queries)]
+    loads: list[float] = []
     with _LOCK:
         bb = backbone(studio)
         tr = bb.transformer
         before = adapters.active(tr)
         try:
-            for _ in range(max(1, repeats)):
-                for lora in loras:
-                    name = "switch_probe"
-                    t0 = time.perf_counter()
-                    adapters.load_lora(tr, lora_path(studio, lora), name)
-                    adapters.activate(tr, [name])
-                    times.append(time.perf_counter() - t0)
-                    adapters.activate(tr, None)
-                    adapters.delete(tr, name)
+            editor = LoraBankEditor(bb, bank, None)
+            for name in stream:
+                seconds, switched = editor.prepare((name,))
+                if switched:
+                    loads.append(seconds)
         finally:
+            adapters.activate(tr, None)
+            for name in adapters.adapter_names(tr):
+                if name.startswith(BANK_PREFIX):
+                    adapters.delete(tr, name)
             adapters.activate(tr, *before)
-    return SwitchCost(len(loras), float(np.mean(times)), float(np.max(times)))
+    return SwitchCost(len(bank), len(stream), len(loads), float(np.mean(loads)), float(np.max(loads)))

@@ -374,14 +374,18 @@ def test_deploy_export_file_catalog_and_measured_cost(distilled: tuple[Studio, i
     assert [e.name for e in catalog.entries] == [A, B]
     assert list(view.catalog["effect"]) == [A, B] and view.catalog.iloc[0]["trigger"] == "<sepia_Xq1>"
 
-    teachers = [preview_service.lora_path(st, t) for t in deploy_tab.teacher_files(st, run_id)]
+    teachers = [preview_service.lora_path(st, t) for t in deploy_tab.teacher_files(st, run_id).values()]
     cost = deploy_tab.cost(st, run_id, path)
     assert cost.student_bytes == path.stat().st_size
     assert cost.teacher_bytes == sum(p.stat().st_size for p in teachers) and len(teachers) == 2
     assert list(view.cost["files"]) == [2, 1]
 
     measured = deploy_tab.measure_switch(st, run_id)
-    assert not measured.error and "ms mean" in measured.cost.iloc[0]["switch time"]
+    assert not measured.error, measured.error
+    bank = measured.cost.iloc[0]
+    assert "ms mean" in bank["time per switch"] and "of 20 mixed queries" in bank["LoRA switches per query"]
+    bb = preview_service.backbone(st)
+    assert not [n for n in adapters.adapter_names(bb.transformer) if n.startswith("bank_")]  # cleaned up
 
 
 def test_deploy_without_a_student_says_so(studio: Studio) -> None:

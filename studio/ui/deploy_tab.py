@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_CHOICES = [("diffusers (QwenImageEditPlusPipeline)", "diffusers"), ("ComfyUI / kohya", "kohya")]
 CATALOG_HEADERS = ["effect", "trigger", "student prompt", "teacher prompt"]
-COST_HEADERS = ["deployment", "files", "size", "LoRA switches per query", "switch time"]
+COST_HEADERS = ["deployment", "files", "size", "LoRA switches per query", "time per switch"]
 CURATOR_ERRORS = (DistillError, PreviewError, BlobStoreError, BlobNotFoundError, DatabaseError)
 EXPORT_DIR = Path(tempfile.gettempdir()) / "collectionlora-exports"  # Gradio serves files from the temp dir
 
@@ -56,18 +56,21 @@ class Cost:
 
     def table(self) -> pd.DataFrame:
         if self.switch is None:
-            per_query = "press “Measure the LoRA-bank switch cost”"
-        else:
-            per_query = (
-                f"{self.switch.mean_seconds * 1000:.0f} ms mean, {self.switch.max_seconds * 1000:.0f} ms max"
+            switches, per_switch = (
+                "1 whenever the effect changes",
+                "press “Measure the LoRA-bank switch cost”",
             )
+        else:
+            sw = self.switch
+            switches = f"{sw.per_query:.2f} ({sw.switches} of {sw.queries} mixed queries)"
+            per_switch = f"{sw.mean_seconds * 1000:.0f} ms mean, {sw.max_seconds * 1000:.0f} ms max"
         rows = [
             [
                 "LoRA bank: one teacher per effect (+ routing, + Lightning)",
                 len(self.teacher_files),
                 _size(self.teacher_bytes),
-                "1 whenever the effect changes",
-                per_query,
+                switches,
+                per_switch,
             ],
             ["CollectionLoRA: one student file", 1, _size(self.student_bytes), "0 (loaded once, fused)", "0"],
         ]
@@ -102,26 +105,27 @@ def catalog_table(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CATALOG_HEADERS)
 
 
-def teacher_files(studio: Studio, run_id: int) -> list[LoraFile]:
-    """The teacher LoRA files the run distilled (pinned in its config), else the effects' current ones."""
+def teacher_files(studio: Studio, run_id: int) -> dict[str, LoraFile]:
+    """Effect -> the teacher LoRA file the run distilled (pinned in its config), else the effect's
+    current teacher."""
     with studio.session() as s:
         run = s.get(Run, run_id)
         plans = ((run.config if run else None) or {}).get("plans") or []
-        ids = [int(p["teacher_lora_id"]) for p in plans if p.get("teacher_lora_id") is not None]
-        found = list(s.scalars(select(LoraFile).where(LoraFile.id.in_(ids)))) if ids else []
-    if found:
-        return found
+        pinned = {p["name"]: int(p["teacher_lora_id"]) for p in plans if p.get("teacher_lora_id") is not None}
+        rows = {r.id: r for r in s.scalars(select(LoraFile).where(LoraFile.id.in_(pinned.values())))}
+    if pinned:
+        return {name: rows[i] for name, i in pinned.items() if i in rows}
     lora = preview_service.student_file(studio, run_id)
-    out = []
+    out = {}
     for name in preview_service.catalog_of(studio, lora).names():
         t = teachers_service.teacher_for(studio, name)
         if t is not None:
-            out.append(t)
+            out[name] = t
     return out
 
 
 def cost(studio: Studio, run_id: int, student_path: Path, switch: SwitchCost | None = None) -> Cost:
-    paths = [preview_service.lora_path(studio, t) for t in teacher_files(studio, run_id)]
+    paths = [preview_service.lora_path(studio, t) for t in teacher_files(studio, run_id).values()]
     paths = [p for p in paths if p.is_file()]
     steps = read_catalog(student_path).student_steps
     return Cost(paths, sum(p.stat().st_size for p in paths), Path(student_path).stat().st_size, steps, switch)
@@ -198,14 +202,16 @@ def export_file(studio: Studio, run_id: int | None, fmt: str = "diffusers") -> V
 
 
 def measure_switch(studio: Studio, run_id: int | None) -> View:
-    """Time loading + activating each teacher file on this backbone (what a LoRA bank pays per switch)."""
+    """Serve a mixed stream of queries with a LoRA bank of the run's teacher files, timing each switch."""
     try:
         if run_id is None:
             raise DistillError("Pick a finished distillation first.")
-        loras = [
-            t for t in teacher_files(studio, int(run_id)) if preview_service.lora_path(studio, t).is_file()
-        ]
-        switch = preview_service.measure_switch_cost(studio, loras)
+        teachers = {
+            name: t
+            for name, t in teacher_files(studio, int(run_id)).items()
+            if preview_service.lora_path(studio, t).is_file()
+        }
+        switch = preview_service.measure_switch_cost(studio, teachers)
     except CURATOR_ERRORS as e:
         view = show(studio, run_id)
         view.error = view.error or str(e)

@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from studio.cli import add_common, config_from_args  # stdlib-only imports: --help stays instant
+
 BACKBONES = ("tiny", "qwen-image-edit")
 
 
@@ -21,15 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone", choices=BACKBONES, default="tiny", help="model family (default: tiny, embedded)"
     )
     p.add_argument("--model-path", default=None, help="local folder or hub id of the backbone's weights")
-    p.add_argument(
-        "--db-url", default=None, help="SQLAlchemy URL (default: $STUDIO_DB_URL or SQLite under the data dir)"
-    )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="studio data folder (default: $STUDIO_DATA_DIR or ./studio-data)",
-    )
+    add_common(p)  # --data-dir, --db-url: as `python -m studio` has them
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need auth)"
     )
@@ -46,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "alembic"):  # per-request and per-migration chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Imported after parsing so that --help is instant and needs no Gradio.
-    from studio.config import StudioConfig, default_data_dir
     from studio.ui.access import AccessError, resolve_access
 
     try:
@@ -54,12 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except AccessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = StudioConfig(
-        data_dir=args.data_dir or default_data_dir(),
-        db_url=args.db_url,
-        backbone=args.backbone,
-        model_path=args.model_path,
-    )
+    config = config_from_args(args)
     from studio.ui.app import launch
 
     try:

@@ -19,7 +19,6 @@ The finished student is stored in the blob store (diffusers layout, catalog in i
 from __future__ import annotations
 
 import io
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from storage import LoraFile, LoraKind, Run, RunKind
 from . import library, runs, teachers_service
 from .context import Studio
 from .library import LibraryError
+from .lora_files import store_lora
 
 RUN_KINDS = (RunKind.DISTILL.value, RunKind.EXTEND.value)
 EXTEND_STEPS = 100  # Tab. 5: the 51st-54th effects were added with 100 generator steps
@@ -439,18 +439,6 @@ def _register_student(
     catalog = [p.catalog_entry() for p in prep.plans]
     spec = prep.config.student_lora
     extra = {"run_id": str(run_id or ""), "steps": str(result.steps)}
-    studio.blobs.root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=studio.blobs.root, prefix=".tmp-student-") as tmp:
-        path = export_collection_lora(
-            prep.backbone.transformer,
-            Path(tmp) / "student.safetensors",
-            catalog,
-            adapter=STUDENT,
-            backbone=prep.backbone.name,
-            student_steps=prep.config.student_steps,
-            extra_meta=extra,
-        )
-        ref = studio.blobs.put_file(path, "safetensors")
     meta = {
         "catalog": [
             {
@@ -468,21 +456,25 @@ def _register_student(
         "student_steps": prep.config.student_steps,
         "final_metrics": {k: float(v) for k, v in result.metrics.items()},
     }
-    with studio.session() as s:
-        lora = LoraFile(
-            kind=LoraKind.STUDENT,
-            run_id=run_id,
-            path=ref.relpath,
-            sha256=ref.sha256,
-            rank=spec.rank,
-            alpha=spec.alpha,
-            bytes=ref.bytes,
-            format="diffusers",
+    return store_lora(
+        studio,
+        lambda path: export_collection_lora(
+            prep.backbone.transformer,
+            path,
+            catalog,
+            adapter=STUDENT,
             backbone=prep.backbone.name,
-            meta=meta,
-        )
-        s.add(lora)
-    return lora
+            student_steps=prep.config.student_steps,
+            extra_meta=extra,
+        ),
+        kind=LoraKind.STUDENT,
+        run_id=run_id,
+        rank=spec.rank,
+        alpha=spec.alpha,
+        format="diffusers",
+        backbone=prep.backbone.name,
+        meta=meta,
+    )
 
 
 # ------------------------------------------------------------------------------------------------

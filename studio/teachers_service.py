@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from storage import Effect, Evaluation, LoraFile, LoraKind, Prompt, RunKind, Tea
 from . import library
 from .context import Studio
 from .library import LibraryError
+from .lora_files import lora_row, store_lora
 
 TEACHER_KINDS = (LoraKind.TEACHER, LoraKind.IMPORTED)
 RUN_KIND = RunKind.TEACHER.value
@@ -198,25 +198,18 @@ def train_teacher_now(
         "backbone": backbone.name,
         "train_config": json.dumps(config.to_dict()),
     }
-    studio.blobs.root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=studio.blobs.root, prefix=".tmp-teacher-") as tmp:
-        path = adapters.save_lora(backbone.transformer, name, Path(tmp) / "teacher.safetensors", file_meta)
-        ref = studio.blobs.put_file(path, "safetensors")
-    with studio.session() as s:
-        lora = LoraFile(
-            kind=LoraKind.TEACHER,
-            effect_id=effect.id,
-            run_id=run_id,
-            path=ref.relpath,
-            sha256=ref.sha256,
-            rank=config.rank,
-            alpha=config.alpha,
-            bytes=ref.bytes,
-            format="diffusers",
-            backbone=backbone.name,
-            meta=meta,
-        )
-        s.add(lora)
+    lora = store_lora(
+        studio,
+        lambda path: adapters.save_lora(backbone.transformer, name, path, file_meta),
+        kind=LoraKind.TEACHER,
+        effect_id=effect.id,
+        run_id=run_id,
+        rank=config.rank,
+        alpha=config.alpha,
+        format="diffusers",
+        backbone=backbone.name,
+        meta=meta,
+    )
     return TrainedTeacher(result, lora)
 
 
@@ -280,14 +273,12 @@ def import_teacher(
                 s.add(Prompt(effect_id=effect.id, teacher_prompt=prompt, teacher_source=TeacherSource.IMPORT))
             else:
                 row.teacher_prompt, row.teacher_source = prompt, TeacherSource.IMPORT
-        lora = LoraFile(
+        lora = lora_row(
+            ref,
             kind=LoraKind.IMPORTED,
             effect_id=effect.id,
-            path=ref.relpath,
-            sha256=ref.sha256,
             rank=report.rank,
             alpha=report.alpha,
-            bytes=ref.bytes,
             format=report.format_detected,
             backbone=backbone.name,
             meta={

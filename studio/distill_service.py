@@ -201,12 +201,7 @@ def _resolve_student(studio: Studio, run_id: int | None, lora_id: int | None) ->
         if lora is None or lora.kind != LoraKind.STUDENT:
             raise DistillError(f"LoRA file #{lora_id} is not a CollectionLoRA student.")
         return lora
-    with studio.session() as s:
-        run = s.get(Run, run_id)
-    if run is None:
-        raise DistillError(f"There is no run {run_id}.")
-    if run.kind.value not in RUN_KINDS:
-        raise DistillError(f"Run {run_id} is a {run.kind.value} run, not a distillation.")
+    run = _check_kind(studio, run_id)
     lora = student_lora(studio, run_id)
     if lora is None:
         raise DistillError(
@@ -502,13 +497,15 @@ def export(
         raise DistillError(str(e)) from e
 
 
-def _check_kind(studio: Studio, run_id: int) -> None:
+def _check_kind(studio: Studio, run_id: int) -> Run:
+    """The run, if it is a distillation (or extension) run."""
     with studio.session() as s:
         run = s.get(Run, run_id)
     if run is None:
         raise DistillError(f"There is no run {run_id}.")
     if run.kind.value not in RUN_KINDS:
         raise DistillError(f"Run {run_id} is a {run.kind.value} run, not a distillation.")
+    return run
 
 
 def stop(studio: Studio, run_id: int) -> str:

@@ -385,7 +385,7 @@ def build(studio: Studio, app: gr.Blocks) -> None:
     samples = gr.Gallery(
         label="Sample grids, newest first (each row: source | teacher target | student)",
         columns=4,
-        height=320,
+        height="auto",
         object_fit="contain",
         format="png",
         elem_id="distill-samples",

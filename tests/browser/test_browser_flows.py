@@ -128,6 +128,8 @@ def _stop_workers(data_dir: Path) -> None:
 def test_upload_train_distil_preview_export(flows_server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
+    from distill.export import read_catalog
+
     url, _data = flows_server
     expect.set_options(timeout=90_000)  # generous: the CI box may be busy
     ARTIFACTS.mkdir(exist_ok=True)
@@ -199,7 +201,15 @@ def test_upload_train_distil_preview_export(flows_server, tmp_path):
             # 6. Deploy: export the one file; the catalog comes from its metadata.
             page.get_by_role("tab", name="Deploy").click()
             page.locator("#deploy-export").click()
-            expect(page.locator("#deploy-file")).to_contain_text("collectionlora-run2-diffusers.safetensors")
+            link = page.locator("#deploy-file a")
+            expect(link).to_have_attribute(
+                "href", re.compile(r"/collectionlora-run2-diffusers\.safetensors$")
+            )
+            with page.expect_download() as download:
+                link.click()
+            saved = tmp_path / "downloaded.safetensors"
+            download.value.save_as(saved)
+            assert [e.name for e in read_catalog(saved).entries] == ["sepia"]  # the file carries its catalog
             expect(page.locator("#deploy-catalog")).to_contain_text("sepia")
             expect(page.locator("#deploy-cost")).to_contain_text("one student file")
             page.screenshot(path=str(ARTIFACTS / "flows-deploy.png"), full_page=True)

@@ -260,6 +260,9 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=None)
     ap.add_argument("--lightning-steps", type=int, default=None)
     ap.add_argument("--fm-steps", type=int, default=None)
+    ap.add_argument(
+        "--distill-lr", type=float, default=None, help="student and fake lr (default: the tiny preset's)"
+    )
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--extend", type=int, default=0, help="Table 5: add this many extension effects")
     ap.add_argument("--quick", action="store_true")
@@ -300,6 +303,8 @@ def main() -> None:
     secs = train_teachers(s, names, args.teacher_steps)
     prompts = student_prompts(s, names)
     dcfg = dict(steps=args.distill_steps) if args.distill_steps else {}
+    if args.distill_lr:
+        dcfg.update(lr_student=args.distill_lr, lr_fake=args.distill_lr)
     if q:
         dcfg.update(
             batch=2, critic_updates=1, target_steps=2, target_general_sources=1, checkpoint_every=1000

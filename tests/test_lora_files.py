@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 from studio_fixtures import toy_lora_file
 
 from storage import LoraFile, LoraKind
@@ -29,8 +32,15 @@ def test_store_lora_keeps_the_file_and_its_row(studio: Studio, tmp_path: Path) -
         backbone="tiny",
         meta={"why": "test"},
     )
-    same = toy_lora_file(tmp_path / "again.safetensors", seed=1).read_bytes()
-    assert (studio.blobs.root / lora.path).read_bytes() == same and lora.bytes == len(same)
+    stored = studio.blobs.root / lora.path
+    assert (
+        hashlib.sha256(stored.read_bytes()).hexdigest() == lora.sha256 and lora.bytes == stored.stat().st_size
+    )
+    # the same LoRA written again holds the same tensors and metadata (byte layout may differ)
+    again = toy_lora_file(tmp_path / "again.safetensors", seed=1)
+    with safe_open(str(stored), "pt") as a, safe_open(str(again), "pt") as b:
+        assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     with studio.session() as s:
         row = s.get(LoraFile, lora.id)
         assert (row.kind, row.rank, row.meta, row.sha256) == (

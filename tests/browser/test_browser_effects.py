@@ -119,10 +119,11 @@ def test_upload_list_select_gallery_exclude(studio_server, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.set_default_timeout(20_000)
-            page.goto(studio_server)
+            page.goto(studio_server, timeout=120_000)
 
             # Empty library: the demo button shows exactly when the bench can be imported here.
-            expect(page.locator("#effects-table")).to_be_visible()
+            # the first render builds every tab: give a loaded machine time
+            expect(page.locator("#effects-table")).to_be_visible(timeout=120_000)
             demo = page.locator("#demo-button")
             if bench_importer() is not None:
                 expect(demo).to_be_visible()

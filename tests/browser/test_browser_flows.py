@@ -125,6 +125,7 @@ def _stop_workers(data_dir: Path) -> None:
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)")
+@pytest.mark.timeout(1500)  # real worker runs: about 3 min on a quiet 2-core machine
 def test_upload_train_distil_preview_export(flows_server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -139,7 +140,7 @@ def test_upload_train_distil_preview_export(flows_server, tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 1100})
         page.set_default_timeout(90_000)
         try:
-            page.goto(url)
+            page.goto(url, timeout=120_000)
 
             # 1. Effects: upload the pair set.
             page.locator("#pairset-upload input[type=file]").set_input_files(str(zip_path))

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 # run's kind is registered; a missing one is skipped.
 JOB_MODULES = ["studio.jobs"]
 # Comma-separated extra job modules the worker also imports (tests use it for toy jobs).
+STARTUP_GRACE_S = 60  # a just-launched worker may not show its own command line yet
 EXTRA_JOB_MODULES_ENV = "STUDIO_EXTRA_JOB_MODULES"
 # A job variant ("eval:toy-count") is stored as its base kind plus this config key.
 JOB_KEY = "_job"
@@ -250,7 +251,7 @@ def launch(studio: Studio, run_id: int) -> int:
         s.execute(
             update(Run)
             .where(Run.id == run_id, Run.status == RunStatus.QUEUED)
-            .values(pid=proc.pid, host=socket.gethostname())
+            .values(pid=proc.pid, host=socket.gethostname(), heartbeat_at=utcnow())
         )
     return proc.pid
 
@@ -331,6 +332,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _pid_running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    if not _pid_alive(pid):
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return not Path("/proc").is_dir()
+    return state not in ("Z", "X")
+
+
 def _local_worker_alive(pid: int, run_id: int) -> bool:
     """Is `pid` the live worker of `run_id` on this host? (Zombies and reused pids are not.)"""
     if not _pid_alive(pid):
@@ -353,7 +365,18 @@ def worker_alive(run: Run) -> bool:
     if run.pid is None:
         return False
     if run.host in (None, socket.gethostname()):
-        return _local_worker_alive(run.pid, run.id)
+        if _local_worker_alive(run.pid, run.id):
+            return True
+        # Just launched: between fork and exec the child still shows its parent's command line, and
+        # on a loaded machine that lasts seconds. launch() stamps heartbeat_at; trust a live,
+        # non-zombie pid for a short grace period after it.
+        beat = run.heartbeat_at
+        return (
+            run.status == RunStatus.QUEUED
+            and beat is not None
+            and utcnow() - beat < timedelta(seconds=STARTUP_GRACE_S)
+            and _pid_running(run.pid)
+        )
     beat = run.heartbeat_at
     return beat is not None and utcnow() - beat < timedelta(seconds=STALE_HEARTBEAT_S)
 

@@ -336,3 +336,17 @@ def test_cli(studio: Studio, capsys) -> None:
     assert _cli("runs", "show", "999", capsys=capsys) == (2, "error: There is no run 999.\n")
     with studio.session() as s:
         assert s.scalar(select(func.count()).select_from(Run)) == 1
+
+
+def test_a_just_launched_worker_is_not_taken_for_dead(studio: Studio) -> None:
+    """Between fork and exec the child still shows its parent's command line: a queued run whose
+    live pid does not look like a worker yet is left alone during the start-up grace period."""
+    me = socket.gethostname()
+    fresh = runs.create_run(studio, TOY, _toy(10, "d"), name="fresh")
+    stale = runs.create_run(studio, TOY, _toy(10, "d"), name="stale")
+    for rid, beat in ((fresh, utcnow()), (stale, utcnow() - timedelta(seconds=runs.STARTUP_GRACE_S + 5))):
+        with studio.session() as s:
+            run = s.get(Run, rid)
+            run.pid, run.host, run.heartbeat_at = os.getpid(), me, beat  # alive, but not a worker
+    assert runs.reconcile(studio) == [stale]
+    assert _row(studio, fresh).status == RunStatus.QUEUED

@@ -8,15 +8,13 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
+from browser_server import free_port, wait_http
 from PIL import Image, ImageDraw
 
 pytestmark = pytest.mark.browser
@@ -32,12 +30,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-sync",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pair_zip(path: Path, n: int = 3) -> Path:
@@ -62,23 +54,9 @@ def _broken_zip(path: Path) -> Path:
     return path
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the studio exited early with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"the studio did not answer on {url} within {timeout:.0f} s")
-
-
 @pytest.fixture()
 def studio_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "server.log").open("wb")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     proc = subprocess.Popen(
@@ -91,7 +69,7 @@ def studio_server(tmp_path):
     try:
         url = f"http://127.0.0.1:{port}/"
         try:
-            _wait_http(url, proc, timeout=45)
+            wait_http(url, proc, timeout=45)
         except AssertionError as e:
             log.flush()
             raise AssertionError(f"{e}\n{(tmp_path / 'server.log').read_text()[-3000:]}") from None

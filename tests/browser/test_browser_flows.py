@@ -9,15 +9,13 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
+from browser_server import free_port, wait_http
 from PIL import Image
 
 pytestmark = pytest.mark.browser
@@ -33,26 +31,6 @@ DISTILL_SETTINGS = (
     '"sample_every": 1, "student_steps": 4, "student_lora": {"rank": 4, "alpha": 4.0}, '
     '"fake_lora": {"rank": 4, "alpha": 4.0}}'
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the studio exited early with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"the studio did not answer on {url} within {timeout:.0f} s")
 
 
 def _sepia_zip(path: Path, n: int = 6) -> Path:
@@ -79,7 +57,7 @@ def flows_server(tmp_path):
     TinyEditor.random(
         TinyConfig(num_layers=2, num_heads=2, head_dim=16, text_dim=32, text_layers=1)
     ).save_pretrained(weights)
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "server.log"
     log = log_path.open("wb")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -90,7 +68,7 @@ def flows_server(tmp_path):
     try:
         url = f"http://127.0.0.1:{port}/"
         try:
-            _wait_http(url, proc, timeout=300)
+            wait_http(url, proc, timeout=300)
         except AssertionError as e:
             log.flush()
             raise AssertionError(f"{e}\n{log_path.read_text()[-3000:]}") from None

@@ -1,14 +1,16 @@
 """The effect library: import pair sets, list, rename, prompt, drop pairs, delete.
 
 The functions the UI and the CLI both call. Pair sets are fully validated (``pairsets.read_pairset``)
-before anything is written; images go to the content-addressed blob store (harmless if a later step
-fails: nothing references them) and the rows go in in one transaction, so an import either lands
-whole or not at all.
+before anything is written; images go to the content-addressed blob store and the rows go in in one
+transaction, so an import either lands whole or not at all (a failed one, e.g. on a full disk, also
+removes the images it had stored).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,13 +72,57 @@ def store_pairset(
 ) -> ImportResult:
     """Write a validated pair set as a new effect (or add its pairs to an existing one)."""
     check_name(name)
+    new_blobs: list[str] = []  # blobs this import created, removed again if it fails
+
+    def put(data: bytes) -> str:
+        existed = studio.blobs.exists(hashlib.sha256(data).hexdigest(), "png")
+        ref = studio.blobs.put_bytes(data, "png")
+        if not existed:
+            new_blobs.append(ref.sha256)
+        return ref.sha256
+
+    try:
+        return _store_pairset(
+            studio, name, pairset, put, teacher_prompt, display_name, category, teacher_source, description
+        )
+    except BaseException:
+        _drop_unreferenced(studio, new_blobs)  # e.g. the disk filled up half-way: leave nothing behind
+        raise
+
+
+def _drop_unreferenced(studio: Studio, shas: list[str]) -> None:
+    """Delete these png blobs unless a pair references them (best effort: the import already failed)."""
+    if not shas:
+        return
+    try:
+        with studio.session() as s:
+            used = set()
+            for col in (Pair.source_sha, Pair.target_sha, Pair.thumb_source_sha, Pair.thumb_target_sha):
+                used |= set(s.scalars(select(col).where(col.in_(shas))))
+        for sha in set(shas) - used:
+            studio.blobs.delete(sha, "png")
+    except Exception:  # the original error is the one the curator needs to see
+        pass
+
+
+def _store_pairset(
+    studio: Studio,
+    name: str,
+    pairset: PairSet,
+    put: Callable[[bytes], str],
+    teacher_prompt: str,
+    display_name: str | None,
+    category: str | None,
+    teacher_source: str,
+    description: str,
+) -> ImportResult:
     rows = []
     for p in pairset.pairs:
-        src = studio.blobs.put_bytes(p.source_bytes, "png")
-        tgt = studio.blobs.put_bytes(p.target_bytes, "png")
-        th_s = studio.blobs.put_bytes(make_thumbnail(p.source), "png")
-        th_t = studio.blobs.put_bytes(make_thumbnail(p.target), "png")
-        rows.append((p, src.sha256, tgt.sha256, th_s.sha256, th_t.sha256))
+        shas = [
+            put(b)
+            for b in (p.source_bytes, p.target_bytes, make_thumbnail(p.source), make_thumbnail(p.target))
+        ]
+        rows.append((p, *shas))
     with studio.session() as s:
         effect = s.scalar(select(Effect).where(Effect.name == name))
         if effect is None:

@@ -299,11 +299,17 @@ def resume(studio: Studio, run_id: int) -> int:
         status == RunStatus.QUEUED and worker_alive(run)
     ):
         raise RunError(f"Run {run_id} is still {status.value}; stop it first.")
+    # The row shows where the resumed run really stands: its last checkpoint (steps past it are redone).
+    ckpt = last_checkpoint(studio, run_id)
+    step = ckpt.step if ckpt else 0
+    progress = min(1.0, step / run.total_steps) if run.total_steps else 0.0
     with studio.session() as s:
         s.execute(
             update(Run)
             .where(Run.id == run_id, Run.status == status)
-            .values(status=RunStatus.QUEUED, error=None, finished_at=None, pid=None)
+            .values(
+                status=RunStatus.QUEUED, error=None, finished_at=None, pid=None, step=step, progress=progress
+            )
         )
     return launch(studio, run_id)
 

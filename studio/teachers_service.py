@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,39 @@ def training_pairs(studio: Studio, effect_name: str) -> tuple[list[TrainPair], s
     return [(_image(studio, p.source_sha), _image(studio, p.target_sha), prompt) for p in pairs], prompt
 
 
+def check_train_config(config: LoraTrainConfig) -> LoraTrainConfig:
+    """Refuse settings a training run could not use (a wrong type or range, e.g. ``"steps": null`` typed
+    into "More settings"), now rather than as a crash in the worker."""
+    defaults = LoraTrainConfig()
+    wrong = []
+    for f in fields(config):
+        value, want = getattr(config, f.name), getattr(defaults, f.name)
+        if want is None or isinstance(want, tuple):
+            continue
+        if isinstance(want, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(want, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(want, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, type(want))
+        if ok and f.name in ("steps", "batch", "rank", "sample_n", "sample_steps") and value < 1:
+            ok = False
+        if ok and isinstance(value, int | float) and value < 0:
+            ok = f.name in ("logit_mean",)
+        if not ok:
+            wrong.append(
+                f"{f.name}={value!r} (expected {'a positive' if f.name != 'logit_mean' else 'a'} "
+                f"{type(want).__name__}, like {want!r})"
+            )
+    if config.resolution is not None and (not isinstance(config.resolution, int) or config.resolution < 8):
+        wrong.append(f"resolution={config.resolution!r} (expected a whole number of pixels, or leave it out)")
+    if wrong:
+        raise TeacherError("These training settings cannot be used: " + "; ".join(wrong) + ".")
+    return config
+
+
 def default_config(studio: Studio, **overrides: Any) -> LoraTrainConfig:
     """The LoRA training preset of the studio's backbone, with overrides (e.g. ``steps=300``)."""
     return LoraTrainConfig.for_backbone(studio.config.backbone, **overrides)
@@ -219,7 +253,7 @@ def submit_training(studio: Studio, effect_name: str, config: LoraTrainConfig | 
 
     effect = _effect(studio, effect_name)
     training_pairs(studio, effect_name)  # refuse now, not in the worker, if there is nothing to train
-    config = config or default_config(studio)
+    config = check_train_config(config or default_config(studio))
     run_config = {
         "effect": effect_name,
         "backbone": studio.config.backbone,

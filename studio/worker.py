@@ -23,6 +23,7 @@ covered by the CPU tests.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import os
@@ -77,10 +78,38 @@ class Outcome:
     error: str | None = None
 
 
-def curator_error(e: BaseException, log: Path) -> str:
+# Disk trouble, whoever raised it (Python, safetensors' Rust writer, SQLite): by errno or by message.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+READ_ONLY = (errno.EROFS,)
+DISK_FULL_WORDS = ("no space left on device", "database or disk is full", "disk quota exceeded")
+READ_ONLY_WORDS = ("read-only file system", "attempt to write a readonly database")
+
+
+def _disk_hint(e: BaseException, data_dir: Path | None) -> str | None:
+    where = f" ({data_dir})" if data_dir else ""
+    seen: set[int] = set()
+    chain: BaseException | None = e
+    while chain is not None and id(chain) not in seen:  # the exception and its causes
+        seen.add(id(chain))
+        code, words = getattr(chain, "errno", None), str(chain).lower()
+        if code in DISK_FULL or any(w in words for w in DISK_FULL_WORDS):
+            return (
+                f"The disk holding the studio data folder{where} is full. Free some space (for example "
+                "delete old runs and checkpoints), then resume the run: it continues from its last checkpoint."
+            )
+        if code in READ_ONLY or any(w in words for w in READ_ONLY_WORDS):
+            return (
+                f"The studio cannot write to its data folder{where}. Make it writable for the user "
+                "running the studio, then resume the run."
+            )
+        chain = chain.__cause__ or chain.__context__
+    return None
+
+
+def curator_error(e: BaseException, log: Path, data_dir: Path | None = None) -> str:
     """What went wrong, in words a curator can act on, and where the details are."""
     text = f"{type(e).__name__}: {str(e).strip() or '(no message)'}"
-    hint = HINTS.get(type(e).__name__)
+    hint = HINTS.get(type(e).__name__) or _disk_hint(e, data_dir)
     if hint:
         text += f"\n{hint}"
     return f"{text}\nDetails are in the run log ({log})."
@@ -227,7 +256,9 @@ class Worker:
             return 1 if outcome.status == RunStatus.FAILED else 0
         except BaseException as e:
             traceback.print_exc()
-            self._final(Outcome(RunStatus.FAILED, error=curator_error(e, self.log)))
+            self._final(
+                Outcome(RunStatus.FAILED, error=curator_error(e, self.log, self.studio.config.data_dir))
+            )
             return 1
         finally:
             self._beat_stop.set()
@@ -340,7 +371,7 @@ class Worker:
                 except Exception:
                     traceback.print_exc()
                 metrics = reporter.metrics
-            return Outcome(RunStatus.FAILED, metrics, curator_error(e, self.log))
+            return Outcome(RunStatus.FAILED, metrics, curator_error(e, self.log, self.studio.config.data_dir))
         completed = reporter.total > 0 and reporter.step >= reporter.total
         stopped = not completed and (self.stop_event.is_set() or self._status() == RunStatus.STOPPING)
         metrics = {**reporter.metrics, **_json_safe(dict(result))}

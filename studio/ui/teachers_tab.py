@@ -204,7 +204,7 @@ def train_config(
     d.update(rank=int(rank), alpha=base.alpha * int(rank) / base.rank, steps=int(steps), lr=float(lr))
     d.update(parse_extra(extra))
     try:
-        return LoraTrainConfig.from_dict(d)
+        return teachers_service.check_train_config(LoraTrainConfig.from_dict(d))
     except (TypeError, ValueError) as e:
         raise SettingsError(f"Bad training settings: {e}") from None
 

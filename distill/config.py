@@ -21,7 +21,10 @@ class DistillConfig:
     lr_student: float = 1e-4
     lr_fake: float = 1e-4
     critic_updates: int = 5  # the 5:1 two-time-scale ratio
-    batch: int = 4
+    batch: int = 4  # per micro-batch
+    # independent PDSR draws per update, gradients accumulated: the paper's 8 GPUs each route their
+    # own batch, so one update mixes streams and effects; on one device this emulates it
+    micro_batches: int = 1
     grad_clip: float = 1.0
     student_steps: int = 8  # the few-step student (NFE 8, no CFG)
     # PDSR (§4.2): effect stream with probability p_switch, else the general stream
@@ -63,8 +66,8 @@ class DistillConfig:
             raise ValueError("p_switch must be in [0, 1]")
         if not 0.0 <= self.tau_min <= 1000.0 or not 0.0 <= self.tau_max <= 1000.0:
             raise ValueError("tau_min and tau_max are timesteps in [0, 1000]")
-        if self.critic_updates < 1 or self.student_steps < 1 or self.steps < 1 or self.batch < 1:
-            raise ValueError("steps, batch, critic_updates and student_steps must be >= 1")
+        if min(self.critic_updates, self.student_steps, self.steps, self.batch, self.micro_batches) < 1:
+            raise ValueError("steps, batch, micro_batches, critic_updates and student_steps must be >= 1")
         if not (self.ta_fm or self.target_simulation or self.backward_simulation):
             raise ValueError("at least one of ta_fm, target_simulation, backward_simulation must be on")
 

@@ -215,6 +215,10 @@ class CollectionDistiller:
         return torch.randn(shape, generator=self.gen).to(self.bb.device, self.bb.dtype)
 
     # -- one update of each ------------------------------------------------------------------------
+    def critic_pools(self) -> list[tuple[torch.Tensor, Condition]]:
+        """One pool of detached student samples per micro-batch (each its own PDSR draw)."""
+        return [self.critic_pool() for _ in range(self.cfg.micro_batches)]
+
     def critic_pool(self) -> tuple[torch.Tensor, Condition]:
         """Detached student samples for the critic updates that precede one generator update.
 
@@ -235,22 +239,45 @@ class CollectionDistiller:
             conds.append(batch["c_fake"])
         return torch.cat(samples), Condition.cat(conds)
 
-    def critic_step(self, pool: torch.Tensor, pool_cond: Condition) -> float:
-        """One update of the fake score: flow matching on a batch of detached student samples."""
-        idx = torch.randint(0, len(pool), (self.cfg.batch,), generator=self.gen)
-        x = pool[idx]
-        s = self._uniform(self.cfg.s_min, self.cfg.s_max, len(x))
-        loss = critic_loss(
-            self._velocity([FAKE], pool_cond.select(idx.to(pool.device))), x, s, self._randn(x)
-        )
+    def critic_step(self, pools: list[tuple[torch.Tensor, Condition]]) -> float:
+        """One update of the fake score: flow matching on a batch of detached student samples from
+        every micro-batch's pool, gradients accumulated."""
         self.opt_f.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for pool, pool_cond in pools:
+            idx = torch.randint(0, len(pool), (self.cfg.batch,), generator=self.gen)
+            x = pool[idx]
+            s = self._uniform(self.cfg.s_min, self.cfg.s_max, len(x))
+            loss = critic_loss(
+                self._velocity([FAKE], pool_cond.select(idx.to(pool.device))), x, s, self._randn(x)
+            )
+            (loss / len(pools)).backward()
+            total += loss.item() / len(pools)
         self._sync(self.fake_params)
         torch.nn.utils.clip_grad_norm_(self.fake_params, self.cfg.grad_clip)
         self.opt_f.step()
-        return loss.item()
+        return total
 
     def generator_step(self) -> dict[str, float]:
+        """One student update: ``micro_batches`` independently routed losses, gradients accumulated
+        (on one device, what the paper's GPUs do when each draws its own stream)."""
+        cfg = self.cfg
+        self.opt_g.zero_grad(set_to_none=True)
+        parts = []
+        for _ in range(cfg.micro_batches):
+            loss, m = self._generator_loss()
+            (loss / cfg.micro_batches).backward()
+            m["loss"] = loss.item()
+            parts.append(m)
+        self._sync(self.student_params)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student_params, cfg.grad_clip))
+        self.opt_g.step()
+        keys = sorted(set().union(*parts) - ({"effect"} if len(parts) > 1 else set()))  # an index: no mean
+        metrics = {k: sum(p[k] for p in parts if k in p) / sum(k in p for p in parts) for k in keys}
+        metrics["grad_norm"] = grad_norm
+        return metrics
+
+    def _generator_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         stream = self._route()
         m: dict[str, float] = {"effect_stream": float(stream == "effect")}
@@ -283,13 +310,7 @@ class CollectionDistiller:
             loss, st = self._dmd_bs(batch)
             loss = cfg.dmd_bs_weight * loss
             m["dmd_bs_general"], m["bs_gap"] = loss.item(), st["real_fake_gap"]
-        self.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        self._sync(self.student_params)
-        m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.student_params, cfg.grad_clip))
-        self.opt_g.step()
-        m["loss"] = loss.item()
-        return m
+        return loss, m
 
     def _dmd_bs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         x_g = backward_simulation(batch["student"], self._noise(batch), self.sigmas, self._exit_step())
@@ -330,8 +351,8 @@ class CollectionDistiller:
             if self._any_rank(self.reporter.should_stop()):
                 stopped = True
                 break
-            pool = self.critic_pool()
-            critic = [self.critic_step(*pool) for _ in range(cfg.critic_updates)]
+            pools = self.critic_pools()
+            critic = [self.critic_step(pools) for _ in range(cfg.critic_updates)]
             metrics = self.generator_step()
             metrics["critic"] = sum(critic) / len(critic)
             self.step += 1

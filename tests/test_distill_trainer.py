@@ -166,3 +166,23 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     got = adapter_params(second.tr, "student")
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6)
+
+
+def test_micro_batches_route_independently_and_accumulate(tmp_path: Path) -> None:
+    """Each micro-batch draws its own stream (as the paper's GPUs do); one optimizer step per update,
+    five critic steps per update, whatever the number of micro-batches."""
+    rec = Recorder()
+    d = CollectionDistiller(
+        _backbone(), *_data(), _config(micro_batches=4, p_switch=0.5, steps=6), tmp_path, rec
+    )
+    counts = {"g": 0, "f": 0, "routes": 0}
+    g_step, f_step, route = d.opt_g.step, d.opt_f.step, d._route
+    d.opt_g.step = lambda *a, **k: (counts.__setitem__("g", counts["g"] + 1), g_step(*a, **k))[1]
+    d.opt_f.step = lambda *a, **k: (counts.__setitem__("f", counts["f"] + 1), f_step(*a, **k))[1]
+    d._route = lambda: (counts.__setitem__("routes", counts["routes"] + 1), route())[1]
+    d.train()
+    assert counts["g"] == 6 and counts["f"] == 6 * d.cfg.critic_updates
+    assert counts["routes"] == 6 * 4 * 2  # a critic pool and a generator loss per micro-batch
+    shares = [m["effect_stream"] for m in rec.metrics]
+    assert all(s in (0.0, 0.25, 0.5, 0.75, 1.0) for s in shares)
+    assert any(0.0 < s < 1.0 for s in shares)  # both streams inside one update

@@ -477,6 +477,7 @@ def ui_kill(root: Path, n_runs: int = 2, steps: int = 60, restart_app: bool = Fa
     from studio import runs
     from studio.config import StudioConfig
     from studio.context import Studio
+    from studio.ui import runs_view  # imports gradio (seconds): before the runs start, not while they go
 
     check = Check("faults", "kill -9 the UI while runs go")
     data = root / "ui-data"
@@ -505,8 +506,6 @@ def ui_kill(root: Path, n_runs: int = 2, steps: int = 60, restart_app: bool = Fa
     if restart_app:
         shown = _app_py_reattaches(data, ids, env)
     else:
-        from studio.ui import runs_view
-
         active = {v.id for v in runs_view.reattach(studio)}
         note = runs_view.active_runs_markdown(studio)
         shown = [rid for rid in ids if rid in active and f"#{rid} " in note]

@@ -38,7 +38,7 @@ def test_kill_9_distillation_resumes_to_the_same_student(tmp_path: Path) -> None
 
 
 def test_runs_survive_the_ui_and_a_restarted_ui_shows_them(tmp_path: Path) -> None:
-    check = _ok(rel.ui_kill(tmp_path, n_runs=2, steps=40))
+    check = _ok(rel.ui_kill(tmp_path, n_runs=2, steps=120))
     assert check.figures["workers alive after the UI was killed"] == 2
     assert check.figures["runs shown by the restarted UI"] == 2
 

@@ -1582,7 +1582,7 @@ def main(argv: list[str] | None = None) -> int:
         if "faults" in only:
             run("faults-teacher", lambda r: teacher_kills(r, kills, args.seed))
             run("faults-distill", lambda r: distill_kills(r, kills, args.seed + 1))
-            run("faults-ui", lambda r: ui_kill(r, n_runs=2, restart_app=True))
+            run("faults-ui", lambda r: ui_kill(r, n_runs=2, steps=800, restart_app=True))
             run("faults-disk", disk_full)
             run("faults-datadir", unwritable_data_dir)
         if "fuzz" in only:

@@ -163,6 +163,9 @@ def distill_adapter(
     s: Setup, adapter: str, effects: list[EffectSpec], cfg: DistillConfig, init: str | None = None
 ) -> float:
     def train() -> None:
+        run = s.work / "runs" / adapter
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "started.json").write_text(json.dumps({"t": time.time()}))  # for --curve's minutes
         init_sd = None
         if init:
             init_sd = {k: v for k, v in _adapter_sd(s, init).items()}
@@ -204,6 +207,47 @@ def effect_specs(
         src = torch.stack([a for a, _, _ in pairs_of(n, 20)])
         out.append(EffectSpec(n, teacher_name(n), e.teacher_prompt, prompts[n], src, new=n in new))
     return out
+
+
+def learning_curve(
+    s: Setup, entries: list[EffectEntry], scenes: list, truths: dict, k: int, adapter: str = "ours"
+) -> str:
+    """Ours at ``k`` evenly spaced checkpoints of its run: 8-NFE quality against wall-clock minutes
+    since the run started (target cache included), read from the checkpoint folders' times."""
+    from distill.checkpointing import load_checkpoint
+    from distill.trainer import adapter_params
+
+    run = s.work / "runs" / adapter
+    ckpts = sorted((run / "checkpoints").glob("step-*"))
+    start = run / "started.json"
+    if not ckpts or not start.exists():
+        return "(no checkpoints of a timed run for the learning curve)\n"
+    t0 = json.loads(start.read_text())["t"]
+    pick = sorted({ckpts[round(i * (len(ckpts) - 1) / max(1, k - 1))] for i in range(k)})
+    lines = [
+        f"### {adapter}: quality against training time ({len(entries)} effects, 8 NFE)",
+        "",
+        "| Generator step | Minutes | PSNR (dB) | Accuracy | BCR |",
+        "|---|---|---|---|---|",
+    ]
+    tr = s.bb.transformer
+    for c in pick:
+        tensors, meta = load_checkpoint(c)
+        if "curve" in adapters.adapter_names(tr):
+            adapters.delete(tr, "curve")
+        adapters.add_lora(tr, "curve", DistillConfig.from_dict(meta["config"]).student_lora)
+        with torch.no_grad():
+            for name, p in adapter_params(tr, "curve").items():
+                p.copy_(tensors[f"student/{name}"])
+        adapters.set_trainable(tr, [])
+        r = evaluate_system(s.bb, student_system(adapter="curve"), entries, scenes, truths).summary
+        minutes = ((c / "meta.json").stat().st_mtime - t0) / 60
+        lines.append(
+            f"| {meta['step']} | {minutes:.1f} | {r.psnr:.2f} | {r.accuracy:.2f} | {r.bad_case_rate:.2f} |"
+        )
+        log(lines[-1])
+    adapters.delete(tr, "curve")
+    return "\n".join(lines) + "\n"
 
 
 def table(rows: list[SystemResult], title: str) -> str:
@@ -265,6 +309,13 @@ def main() -> None:
     )
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--extend", type=int, default=0, help="Table 5: add this many extension effects")
+    ap.add_argument(
+        "--curve",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also evaluate K evenly spaced checkpoints of Ours (quality against minutes of training)",
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
@@ -388,6 +439,9 @@ def main() -> None:
             *comp,
             "",
         ]
+
+    if args.curve:
+        md.append(learning_curve(s, entries, scenes, truths, args.curve))
 
     if args.ablations:
         abl = []

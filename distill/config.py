@@ -97,11 +97,19 @@ class DistillConfig:
         """The paper's defaults for Qwen-Image-Edit; for the tiny backbone, a recipe sized for 2 CPU
         cores (higher lr for a small model, fewer steps, a smaller cache)."""
         if name == "tiny":
+            # Measured on 3 bench effects (sepia, pastel, glitch), 300 generator steps, 8-NFE PSNR to
+            # ground truth: lr 5e-4 learns too slowly (14 dB after 400 steps on 10 effects); lr 2e-3
+            # with dmd_ts_weight 1 gives 20.2 dB, with 0.25 22.6 dB: in pixel space the DMD2-normalised
+            # target-simulation gradient (|x - x0_real| is small near the teacher's domain) is ~4x
+            # TA-FM's and drowns the coarse anchor early. Two micro-batches of 2 mix streams and
+            # effects within an update (19.3 vs 18.8 dB at step 100 against one batch of 4).
             base: dict[str, Any] = dict(
-                steps=600,
-                lr_student=5e-4,
-                lr_fake=5e-4,
-                batch=8,
+                steps=1000,
+                lr_student=2e-3,
+                lr_fake=2e-3,
+                batch=2,
+                micro_batches=2,
+                dmd_ts_weight=0.25,
                 target_steps=20,
                 target_refresh_every=150,
                 checkpoint_every=50,

@@ -56,6 +56,15 @@ class GeneralData:
 
 
 @dataclass
+class CriticPool:
+    """Detached student samples, their conditions, and how likely the critic is to draw each."""
+
+    samples: torch.Tensor
+    cond: Condition
+    weights: torch.Tensor
+
+
+@dataclass
 class DistillResult:
     steps: int
     stopped: bool
@@ -215,41 +224,47 @@ class CollectionDistiller:
         return torch.randn(shape, generator=self.gen).to(self.bb.device, self.bb.dtype)
 
     # -- one update of each ------------------------------------------------------------------------
-    def critic_pools(self) -> list[tuple[torch.Tensor, Condition]]:
+    def critic_pools(self) -> list[CriticPool]:
         """One pool of detached student samples per micro-batch (each its own PDSR draw)."""
         return [self.critic_pool() for _ in range(self.cfg.micro_batches)]
 
-    def critic_pool(self) -> tuple[torch.Tensor, Condition]:
+    def critic_pool(self) -> CriticPool:
         """Detached student samples for the critic updates that precede one generator update.
 
         The student does not change between its updates (the 5:1 two-time-scale rule), so all of
         those critic updates see one distribution; one no-grad rollout of the student's few-step
         sampler gives its backward-simulation sample at every exit step at once (plus, on the
         effect stream, target-simulation samples), and each critic update draws its batch from
-        that pool instead of re-running the sampler."""
+        that pool instead of re-running the sampler.
+
+        The critic must track the student where the DMD terms probe it: on the effect stream the
+        generator scores as many target-simulation samples as backward-simulation ones, so the
+        critic draws the two kinds equally often (not 1 : student_steps as the pool holds them)."""
         stream = self._route()
         batch = self._effect_batch(self._pick_effect()) if stream == "effect" else self._general_batch()
         xs = rollout_x0s(batch["student"], self._noise(batch), self.sigmas)
         samples, conds = [xs.flatten(0, 1)], [Condition.cat([batch["c_fake"]] * len(xs))]
+        weights = [torch.full((xs.shape[0] * xs.shape[1],), 1.0 / len(xs))]
         if stream == "effect" and self.cfg.target_simulation:
             y = batch["y"]
             with torch.no_grad():
                 s_gen = self._uniform(self.cfg.s_min, self.cfg.s_gen_max, len(y))
                 samples.append(target_simulation(batch["student"], y, s_gen, self._randn(y)))
             conds.append(batch["c_fake"])
-        return torch.cat(samples), Condition.cat(conds)
+            weights.append(torch.ones(len(y)))
+        return CriticPool(torch.cat(samples), Condition.cat(conds), torch.cat(weights))
 
-    def critic_step(self, pools: list[tuple[torch.Tensor, Condition]]) -> float:
+    def critic_step(self, pools: list[CriticPool]) -> float:
         """One update of the fake score: flow matching on a batch of detached student samples from
         every micro-batch's pool, gradients accumulated."""
         self.opt_f.zero_grad(set_to_none=True)
         total = 0.0
-        for pool, pool_cond in pools:
-            idx = torch.randint(0, len(pool), (self.cfg.batch,), generator=self.gen)
-            x = pool[idx]
+        for pool in pools:
+            idx = torch.multinomial(pool.weights, self.cfg.batch, replacement=True, generator=self.gen)
+            x = pool.samples[idx]
             s = self._uniform(self.cfg.s_min, self.cfg.s_max, len(x))
             loss = critic_loss(
-                self._velocity([FAKE], pool_cond.select(idx.to(pool.device))), x, s, self._randn(x)
+                self._velocity([FAKE], pool.cond.select(idx.to(x.device))), x, s, self._randn(x)
             )
             (loss / len(pools)).backward()
             total += loss.item() / len(pools)

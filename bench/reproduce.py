@@ -299,6 +299,7 @@ def save_grid(rows: list[SystemResult], names: list[str], scenes, path: Path, n_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--effects", type=int, default=10)
+    ap.add_argument("--names", default=None, help="these bench effects (comma list) instead of --effects")
     ap.add_argument("--test-per-category", type=int, default=10)
     ap.add_argument("--teacher-steps", type=int, default=None)
     ap.add_argument("--distill-steps", type=int, default=None)
@@ -344,7 +345,10 @@ def main() -> None:
     tag = args.tag or ("quick" if q else f"{args.effects}fx")
     s = Setup(load_backbone(q), args.work / tag, args.out, q, args.seed)
     s.out.mkdir(parents=True, exist_ok=True)
-    names = bench_effects(args.effects)
+    names = args.names.split(",") if args.names else bench_effects(args.effects)
+    unknown = [n for n in names if n not in {e.name for e in EFFECTS}]
+    if unknown:
+        ap.error(f"unknown effect(s): {', '.join(unknown)}")
     t_start = time.time()
 
     if args.teachers_only:

@@ -186,3 +186,20 @@ def test_micro_batches_route_independently_and_accumulate(tmp_path: Path) -> Non
     shares = [m["effect_stream"] for m in rec.metrics]
     assert all(s in (0.0, 0.25, 0.5, 0.75, 1.0) for s in shares)
     assert any(0.0 < s < 1.0 for s in shares)  # both streams inside one update
+
+
+def test_critic_draws_target_and_backward_simulation_samples_equally(tmp_path: Path) -> None:
+    """The generator probes as many target-simulation samples as backward-simulation ones, so the
+    critic must see both as often, although the rollout pool holds one TS sample per student step."""
+    d = CollectionDistiller(_backbone(), *_data(), _config(p_switch=1.0, batch=3), tmp_path)
+    d.cache.build()
+    pool = d.critic_pool()
+    n_ts = d.cfg.batch
+    assert len(pool.samples) == (d.cfg.student_steps + 1) * n_ts
+    torch.testing.assert_close(pool.weights[-n_ts:].sum(), pool.weights[:-n_ts].sum())
+    draws = torch.multinomial(
+        pool.weights, 4000, replacement=True, generator=torch.Generator().manual_seed(0)
+    )
+    assert 0.45 < (draws >= len(pool.samples) - n_ts).float().mean() < 0.55
+    general = CollectionDistiller(_backbone(), *_data(), _config(p_switch=0.0, batch=3), tmp_path / "g")
+    assert torch.allclose(general.critic_pool().weights, torch.tensor(1.0 / d.cfg.student_steps))

@@ -18,6 +18,7 @@ from distill.backbones.base import Condition
 from distill.backbones.tiny import TinyConfig, TinyEditor
 from distill.effectbench.scenes import make_scene
 from distill.export import CatalogEntry, export_collection_lora
+from storage import Effect, Prompt
 from studio import library, teachers_service
 from studio.config import StudioConfig
 from studio.context import Studio
@@ -91,12 +92,25 @@ def small_studio(data_dir: Path, tmp_path: Path) -> Studio:
 
 
 def add_toy_effect(
-    studio: Studio, tmp: Path, name: str, seed: int, *, pairs: int = 3, teacher_std: float | None = 0.2
+    studio: Studio,
+    tmp: Path,
+    name: str,
+    seed: int,
+    *,
+    pairs: int = 3,
+    teacher_std: float | None = 0.2,
+    toy_prompts: bool = False,
 ) -> None:
-    """An effect with ``pairs`` scene pairs and, unless ``teacher_std`` is None, a random teacher LoRA."""
+    """An effect with ``pairs`` scene pairs and, unless ``teacher_std`` is None, a random teacher LoRA;
+    with ``toy_prompts``, also a trigger word and student prompt made from name and seed (distillation
+    needs both)."""
     library.import_pairset(
         studio, name, scene_pairs(tmp / name, pairs, seed), teacher_prompt=f"Apply {name}."
     )
     if teacher_std is not None:
         lora = toy_lora_file(tmp / f"{name}.safetensors", seed, std=teacher_std)
         teachers_service.import_teacher(studio, name, lora, backbone=TinyEditor.random(SMALL, seed=0))
+    if toy_prompts:
+        with studio.session() as s:
+            row = s.query(Prompt).join(Effect).filter(Effect.name == name).one()
+            row.trigger, row.student_prompt = f"<{name}_Xq{seed}>", f"Make the {name} look, seed {seed}."

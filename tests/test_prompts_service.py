@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import re
 import shutil
-import threading
 from contextlib import redirect_stderr, redirect_stdout
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import pytest
 import torch
+from fake_vlm_server import FakeChatServer, completion
 from PIL import Image
 
 from distill.backbones.tiny import TinyConfig, TinyEditor
@@ -88,47 +86,15 @@ def _rows(studio: Studio) -> dict[str, ps.PromptRow]:
 # --- A real OpenAI-format chat server in this process ------------------------------------------
 
 
-class ChatServer:
-    """POST /v1/chat/completions: answers ``reply(request_body) -> (status, payload)``; records bodies."""
+class ChatServer(FakeChatServer):
+    """Answers "Refined prompt <n>" to the n-th request unless a test assigns ``reply``."""
 
-    def __init__(self) -> None:
-        self.bodies: list[dict] = []
-        self.headers: list[dict] = []
-        self.reply = lambda body: (200, self.completion(f"Refined prompt {len(self.bodies)}"))
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                server.bodies.append(body)
-                server.headers.append(dict(self.headers))
-                code, payload = server.reply(body)
-                data = payload.encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    @staticmethod
-    def completion(text: str) -> str:
-        return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+    def reply(self, body: dict) -> tuple[int, str]:
+        return 200, completion(f"Refined prompt {len(self.bodies)}")
 
     def config(self, **kw) -> PromptWriterConfig:
         vlm = dict(model="test-vlm", timeout_s=5.0, max_retries=1, backoff_s=0.01) | kw
         return PromptWriterConfig(vlm=VLMConfig(base_url=self.base_url, **vlm))
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture()
@@ -276,7 +242,7 @@ def test_only_missing_keeps_written_prompts(studio: Studio, server: ChatServer) 
 
 def test_generate_through_an_openai_format_server(studio: Studio, server: ChatServer, monkeypatch) -> None:
     monkeypatch.setenv("STUDIO_VLM_API_KEY", "sekrit")
-    server.reply = lambda body: (200, server.completion('"A refined ' + body["model"] + ' prompt."'))
+    server.reply = lambda body: (200, completion('"A refined ' + body["model"] + ' prompt."'))
     seen = []
     results = ps.generate_student_prompts(
         studio, ["invert", "flip"], server.config(), progress=lambda i, n, what: seen.append((i, n, what))
@@ -331,9 +297,7 @@ def test_endpoint_failure_changes_nothing_and_says_why(
 
 
 def test_failure_midway_keeps_the_prompts_already_written(studio: Studio, server: ChatServer) -> None:
-    server.reply = lambda body: (
-        (200, server.completion("First.")) if len(server.bodies) == 1 else (500, "down")
-    )
+    server.reply = lambda body: (200, completion("First.")) if len(server.bodies) == 1 else (500, "down")
     with pytest.raises(PromptsError, match="'grayscale'.*1 prompt\\(s\\) written before were saved"):
         ps.generate_student_prompts(studio, writer_config=server.config())
     rows = _rows(studio)

@@ -6,12 +6,11 @@ import base64
 import io
 import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from fake_vlm_server import ScriptedChatServer
 from PIL import Image
 
 from distill.prompts.template import fill_general_instruction_template, fill_student_prompt_template
@@ -24,67 +23,9 @@ from distill.prompts.vlm import (
 )
 
 
-class FakeChatServer:
-    """Answers POST /v1/chat/completions from a script of replies, one per request, and records
-    every request. A reply is ("ok", text) | ("status", code, body) | ("slow", seconds, text) |
-    ("raw", body); the last reply repeats once the script runs out."""
-
-    def __init__(self) -> None:
-        self.script: list[tuple] = [("ok", "fine")]
-        self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length", 0))
-                raw = self.rfile.read(length)
-                server.requests.append(
-                    {"path": self.path, "headers": dict(self.headers), "body": json.loads(raw or b"null")}
-                )
-                reply = server.script.pop(0) if len(server.script) > 1 else server.script[0]
-                kind = reply[0]
-                if kind == "slow":
-                    time.sleep(reply[1])
-                    kind, reply = "ok", ("ok", reply[2])
-                if kind == "ok":
-                    payload = json.dumps(
-                        {
-                            "id": "x",
-                            "object": "chat.completion",
-                            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply[1]}}],
-                        }
-                    ).encode()
-                    code = 200
-                elif kind == "status":
-                    code, payload = reply[1], reply[2].encode()
-                else:
-                    code, payload = 200, reply[1].encode()
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture()
 def server():
-    s = FakeChatServer()
+    s = ScriptedChatServer()
     yield s
     s.close()
 

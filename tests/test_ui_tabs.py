@@ -8,28 +8,22 @@ One distillation of 2 steps is shared by the preview, evaluate and deploy tests.
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 from sqlalchemy import select, update
+from studio_fixtures import add_toy_effect, small_studio, toy_lora_file
 
 from distill.backbones import adapters
-from distill.backbones.tiny import TinyConfig, TinyEditor
-from distill.effectbench.scenes import make_scene
 from distill.export import read_catalog
-from storage import Effect, Evaluation, Prompt, Run, RunStatus
-from studio import jobs_distill, jobs_teacher, library, preview_service, runs, teachers_service
-from studio.config import StudioConfig
+from storage import Evaluation, Run, RunStatus
+from studio import jobs_distill, jobs_teacher, preview_service, runs
 from studio.context import Studio
 from studio.ui import deploy_tab, distill_tab, evaluate_tab, preview_tab, runs_view, teachers_tab
 
-SMALL = TinyConfig(num_layers=2, num_heads=2, head_dim=16, text_dim=32, text_layers=1)
 A, B, C = "sepia", "cool_blue", "night_vision"  # EffectBench-mini effects: exact ground truth exists
 FAST_DISTILL = (
     '{"batch": 2, "target_steps": 2, "target_general_sources": 1, "checkpoint_every": 1, '
@@ -37,50 +31,6 @@ FAST_DISTILL = (
     '"fake_lora": {"rank": 4, "alpha": 4.0}}'
 )
 FAST_TEACHER = '{"batch": 2, "sample_every": 1, "sample_n": 1, "sample_steps": 2, "checkpoint_every": 1}'
-
-
-def _png(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray((np.clip(x, 0, 1) * 255).astype(np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _pairs(root: Path, n: int, seed: int) -> Path:
-    (root / "source").mkdir(parents=True)
-    (root / "target").mkdir()
-    for i in range(n):
-        img = make_scene("animal", seed + i, size=32).image
-        (root / "source" / f"{i}.png").write_bytes(_png(img))
-        (root / "target" / f"{i}.png").write_bytes(_png(1.0 - img))
-    return root
-
-
-def _teacher_file(path: Path, seed: int) -> Path:
-    bb = TinyEditor.random(SMALL, seed=0)
-    params = adapters.add_lora(bb.transformer, "t", adapters.LoraSpec(rank=2, alpha=2.0))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return adapters.save_lora(bb.transformer, "t", path)
-
-
-def _add_effect(studio: Studio, tmp: Path, name: str, seed: int, *, teacher: bool = True) -> None:
-    library.import_pairset(studio, name, _pairs(tmp / name, 3, seed), teacher_prompt=f"Apply {name}.")
-    if teacher:
-        teachers_service.import_teacher(
-            studio, name, _teacher_file(tmp / f"{name}.safetensors", seed), backbone=TinyEditor.random(SMALL)
-        )
-    with studio.session() as s:
-        row = s.query(Prompt).join(Effect).filter(Effect.name == name).one()
-        row.trigger, row.student_prompt = f"<{name}_Xq{seed}>", f"Make the {name} look, seed {seed}."
-
-
-def _open(tmp: Path) -> Studio:
-    weights = tmp / "tiny-random"
-    if not weights.exists():
-        TinyEditor.random(SMALL, seed=0).save_pretrained(weights)
-    return Studio.open(StudioConfig(data_dir=tmp / "data", model_path=str(weights)))
 
 
 def _no_workers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,9 +78,9 @@ def _context(studio: Studio, run_id: int, reporter: runs.DbReporter) -> runs.Run
 @pytest.fixture()
 def studio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Studio:
     _no_workers(monkeypatch)
-    st = _open(tmp_path)
-    _add_effect(st, tmp_path, A, 1)
-    _add_effect(st, tmp_path, B, 2)
+    st = small_studio(tmp_path / "data", tmp_path)
+    add_toy_effect(st, tmp_path, A, 1, toy_prompts=True)
+    add_toy_effect(st, tmp_path, B, 2, toy_prompts=True)
     return st
 
 
@@ -140,9 +90,9 @@ def distilled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Studio, int]:
     mp = pytest.MonkeyPatch()
     _no_workers(mp)
     tmp = tmp_path_factory.mktemp("distilled")
-    st = _open(tmp)
-    _add_effect(st, tmp, A, 1)
-    _add_effect(st, tmp, B, 2)
+    st = small_studio(tmp / "data", tmp)
+    add_toy_effect(st, tmp, A, 1, toy_prompts=True)
+    add_toy_effect(st, tmp, B, 2, toy_prompts=True)
     form = distill_tab.defaults(st)
     form.steps, form.critic_updates = 2, 1
     view = distill_tab.launch(st, [A, B], form, FAST_DISTILL)
@@ -160,7 +110,7 @@ def distilled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Studio, int]:
 
 
 def test_teacher_run_shows_progress_samples_and_finishes(studio: Studio, tmp_path: Path) -> None:
-    _add_effect(studio, tmp_path, C, 3, teacher=False)
+    add_toy_effect(studio, tmp_path, C, 3, teacher_std=None, toy_prompts=True)
     view = teachers_tab.render(studio, C)
     assert view.effect == C and C in view.effects
     table = view.panel.table.set_index("effect")
@@ -227,7 +177,7 @@ def test_teacher_settings_and_bad_files_are_explained(studio: Studio, tmp_path: 
     assert "is not a readable .safetensors file" in error
     assert "Upload the LoRA file" in teachers_tab.import_lora(studio, A, None).error
 
-    good = _teacher_file(tmp_path / "again.safetensors", 7)
+    good = toy_lora_file(tmp_path / "again.safetensors", 7)
     view = teachers_tab.import_lora(studio, A, good, "Give it a sepia tone.")
     assert not view.error and "Imported again.safetensors as the teacher of **sepia**" in view.notice
     row = view.panel.table.set_index("effect").loc[A]
@@ -247,7 +197,7 @@ def test_distill_defaults_and_launch_validation(studio: Studio, tmp_path: Path) 
         5,
     )
     assert set(form.switches) == {"pdsr", "aop", "ta_fm", "target_simulation", "backward_simulation"}
-    _add_effect(studio, tmp_path, C, 3, teacher=False)
+    add_toy_effect(studio, tmp_path, C, 3, teacher_std=None, toy_prompts=True)
     view = distill_tab.render(studio)
     assert view.chosen == [A, B] and C in view.effects  # all effects with a teacher, by default
 

@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 from studio_fixtures import add_toy_effect, small_studio, toy_lora_file
 
 from distill.backbones import adapters
+from distill.config import DistillConfig
 from distill.export import read_catalog
 from storage import Evaluation, Run, RunStatus
 from studio import jobs_distill, jobs_teacher, preview_service, runs
@@ -189,8 +190,9 @@ def test_teacher_settings_and_bad_files_are_explained(studio: Studio, tmp_path: 
 
 def test_distill_defaults_and_launch_validation(studio: Studio, tmp_path: Path) -> None:
     form = distill_tab.defaults(studio)
+    tiny_steps = DistillConfig.for_backbone("tiny").steps  # the backbone's preset; the rest is §5.1
     assert (form.steps, form.p_switch, form.tau_max, form.tau_min, form.critic_updates) == (
-        600,
+        tiny_steps,
         0.5,
         750,
         500,
@@ -220,7 +222,7 @@ def test_distill_defaults_and_launch_validation(studio: Studio, tmp_path: Path) 
     with studio.session() as s:
         cfg = s.get(Run, first.run_id).config["distill"]
     assert (cfg["steps"], cfg["lr_student"], cfg["lr_fake"], cfg["critic_updates"]) == (
-        600,
+        tiny_steps,
         form.lr,
         form.lr,
         5,

@@ -296,6 +296,39 @@ def save_grid(rows: list[SystemResult], names: list[str], scenes, path: Path, n_
     grid.save(path)
 
 
+def model_metrics_table(results: list[SystemResult], entries: list[EffectEntry], scenes, truths) -> str:
+    """CLIP, DINO, DreamSim, EditReward and the MLLM judge on every system's outputs, where the
+    STUDIO_* variables of distill/judges.py point at weights or an endpoint; "n/a" and why, else.
+    The judge's reference pair (Fig. 11) is the effect's first training pair."""
+    from distill.judges import JudgeRecord, ModelJudges, judges_table
+
+    judges = ModelJudges()
+    templates = {}
+    for e in entries:
+        sc = train_scene(e.name, 0, BenchSpec())
+        templates[e.name] = (sc.image, ground_truth(e.name, sc))
+    rows = []
+    try:
+        for r in results:
+            log(f"model-based metrics: {r.system}")
+            recs = [
+                JudgeRecord(
+                    r.outputs[e.name][j],
+                    truths["source"][j],
+                    truths[e.name][j],
+                    e.name,
+                    e.teacher_prompt,
+                    template=templates[e.name],
+                )
+                for e in entries
+                for j in range(len(scenes))
+            ]
+            rows.append((r.system, judges.score(recs)))
+    finally:
+        judges.close()
+    return judges_table(rows, "Table 1, model-based metrics (where configured)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--effects", type=int, default=10)
@@ -426,6 +459,7 @@ def main() -> None:
         "",
         table(results, f"Table 1 analogue: {len(names)} effects in 1"),
         per_effect_table(results),
+        model_metrics_table(results, entries, scenes, truths),
     ]
 
     ours_entry = {e.name: e for e in entries}

@@ -174,7 +174,13 @@ class ClipScorer:
     def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
         import torch
 
-        tok = self.processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
+        # long prompts are cut at the model's context (77 tokens for OpenAI's CLIPs)
+        limit = min(
+            self.processor.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings
+        )
+        tok = self.processor(
+            text=list(texts), return_tensors="pt", padding=True, truncation=True, max_length=limit
+        )
         with torch.inference_mode():
             feats = self.model.get_text_features(
                 input_ids=tok["input_ids"].to(self.device),
@@ -269,10 +275,6 @@ def _mean(values: Sequence[float]) -> MetricMean:
     return MetricMean(float(np.mean(values)), len(values))
 
 
-def _batched(fn: Callable[[list], np.ndarray], items: Sequence, size: int) -> np.ndarray:
-    return np.concatenate([fn(list(items[i : i + size])) for i in range(0, len(items), size)])
-
-
 def summarize_judged(cases: Sequence[JudgeCase], judge_name: str = "MLLM judge") -> dict[str, MetricResult]:
     """BCR = share of bad cases; VSA = mean of (0 if bad else consistency), each over the cases that
     got a verdict; unavailable when none did."""
@@ -309,47 +311,57 @@ class ModelJudges:
             self.judge.close()
 
     def score(self, records: Sequence[JudgeRecord | tuple]) -> dict[str, MetricResult]:
-        """The mean of each metric over ``records`` (or why it is unavailable), keyed as ``METRICS``."""
+        """The mean of each metric over ``records`` (or why it is unavailable), keyed as ``METRICS``.
+        A metric that fails while scoring becomes Unavailable too: one bad model spoils no table."""
         recs = [r if isinstance(r, JudgeRecord) else JudgeRecord(*r) for r in records]
-        bs = self.config.batch_size
         out: dict[str, MetricResult] = {}
-        if isinstance(self.clip, Unavailable):
-            out["clip_image"] = out["clip_text"] = self.clip
-        else:
-            emb = self.clip.image_embeddings
-            o = _batched(emb, [r.output for r in recs], bs)
-            t = _batched(emb, [r.truth for r in recs], bs)
-            p = _batched(self.clip.text_embeddings, [r.teacher_prompt for r in recs], bs)
-            out["clip_image"] = _mean((o * t).sum(-1))
-            out["clip_text"] = _mean((o * p).sum(-1))
-        if isinstance(self.dino, Unavailable):
-            out["dino"] = self.dino
-        else:
-            o = _batched(self.dino.image_embeddings, [r.output for r in recs], bs)
-            s = _batched(self.dino.image_embeddings, [r.source for r in recs], bs)
-            out["dino"] = _mean((o * s).sum(-1))
-        if isinstance(self.dreamsim, Unavailable):
-            out["dreamsim"] = self.dreamsim
-        else:
-            pairs = list(zip([r.output for r in recs], [r.truth for r in recs]))
-            d = _batched(lambda ps: self.dreamsim.distances(*zip(*ps)), pairs, bs)
-            out["dreamsim"] = _mean(d)
+        for keys, scorer, run in (
+            (("clip_image", "clip_text"), self.clip, self._clip),
+            (("dino",), self.dino, self._dino),
+            (("dreamsim",), self.dreamsim, self._dreamsim),
+        ):
+            if isinstance(scorer, Unavailable):
+                out.update(dict.fromkeys(keys, scorer))
+                continue
+            try:
+                out.update(run(recs))
+            except Exception as e:  # reported in the table instead of ending a long bench run
+                name = {"clip_image": "CLIP", "dino": "DINO", "dreamsim": "DreamSim"}[keys[0]]
+                out.update(
+                    dict.fromkeys(keys, Unavailable(name, f"failed while scoring: {type(e).__name__}: {e}"))
+                )
         out["editreward"] = editreward_unavailable(self.config)
+        out.update(self._judged(recs))
+        return out
+
+    def _embed(self, fn: Callable[[list], np.ndarray], items: list) -> np.ndarray:
+        size = self.config.batch_size
+        return np.concatenate([fn(items[i : i + size]) for i in range(0, len(items), size)])
+
+    def _clip(self, recs: list[JudgeRecord]) -> dict[str, MetricResult]:
+        o = self._embed(self.clip.image_embeddings, [r.output for r in recs])
+        t = self._embed(self.clip.image_embeddings, [r.truth for r in recs])
+        p = self._embed(self.clip.text_embeddings, [r.teacher_prompt for r in recs])
+        return {"clip_image": _mean((o * t).sum(-1)), "clip_text": _mean((o * p).sum(-1))}
+
+    def _dino(self, recs: list[JudgeRecord]) -> dict[str, MetricResult]:
+        o = self._embed(self.dino.image_embeddings, [r.output for r in recs])
+        s = self._embed(self.dino.image_embeddings, [r.source for r in recs])
+        return {"dino": _mean((o * s).sum(-1))}
+
+    def _dreamsim(self, recs: list[JudgeRecord]) -> dict[str, MetricResult]:
+        pairs = [(r.output, r.truth) for r in recs]
+        return {"dreamsim": _mean(self._embed(lambda ps: self.dreamsim.distances(*zip(*ps)), pairs))}
+
+    def _judged(self, recs: list[JudgeRecord]) -> dict[str, MetricResult]:
         if self.judge is None:
             why = self.config.judge_problem or f"{ENV_JUDGE_BASE_URL} and {ENV_JUDGE_MODEL} not set"
-            out["bcr"], out["vsa"] = (
-                Unavailable("MLLM judge (BCR)", why),
-                Unavailable("MLLM judge (VSA)", why),
-            )
-        else:
-            cases = [
-                (r.output, r.source, r.template or (r.source, r.truth), r.teacher_prompt, r.criteria)
-                for r in recs
-            ]
-            out.update(
-                summarize_judged(self.judge.judge_all(cases), f"MLLM judge {self.judge.vlm.config.model}")
-            )
-        return out
+            return {"bcr": Unavailable("MLLM judge (BCR)", why), "vsa": Unavailable("MLLM judge (VSA)", why)}
+        cases = [
+            (r.output, r.source, r.template or (r.source, r.truth), r.teacher_prompt, r.criteria)
+            for r in recs
+        ]
+        return summarize_judged(self.judge.judge_all(cases), f"MLLM judge {self.judge.vlm.config.model}")
 
 
 def model_metrics(

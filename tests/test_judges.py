@@ -214,6 +214,19 @@ def test_clip_and_dino_load_through_the_environment(monkeypatch, clip_dir, dino_
     expected = (fw.image_embeds * fw.text_embeds).sum(-1).mean().item()
     assert b["clip_text"].value == pytest.approx(expected, abs=1e-4)
 
+    # a prompt longer than the text model's context is cut, not an error
+    long = mj.score([JudgeRecord(src[0], src[0], src[0], "e", "make it warm " * 20)])
+    assert isinstance(long["clip_text"], MetricMean)
+
+    # a model that fails while scoring is reported, and the other metrics still come back
+    def boom(images):
+        raise RuntimeError("out of memory")
+
+    mj.dino.image_embeddings = boom
+    out = mj.score(same)
+    assert str(out["dino"]) == "DINO: unavailable (failed while scoring: RuntimeError: out of memory)"
+    assert out["clip_image"].value == pytest.approx(1.0, abs=1e-5)
+
 
 # --- The MLLM judge ----------------------------------------------------------------------------
 

@@ -314,6 +314,8 @@ class ModelJudges:
         """The mean of each metric over ``records`` (or why it is unavailable), keyed as ``METRICS``.
         A metric that fails while scoring becomes Unavailable too: one bad model spoils no table."""
         recs = [r if isinstance(r, JudgeRecord) else JudgeRecord(*r) for r in records]
+        if not recs:
+            return {k: Unavailable(label, "no outputs to score") for k, label in METRICS.items()}
         out: dict[str, MetricResult] = {}
         for keys, scorer, run in (
             (("clip_image", "clip_text"), self.clip, self._clip),

@@ -147,6 +147,7 @@ def test_nothing_configured_every_metric_says_why():
     assert "not supported offline" in str(out["editreward"])
     assert "STUDIO_JUDGE_BASE_URL and STUDIO_JUDGE_MODEL not set" in str(out["bcr"])
     assert str(out["vsa"]).startswith("MLLM judge (VSA): unavailable")
+    assert all("no outputs" in str(m) for m in model_metrics([], JudgesConfig()).values())
 
 
 def test_missing_and_broken_folders(tmp_path):

@@ -211,24 +211,15 @@ def distill_overrides() -> dict[str, Any]:
 
 
 def _row(studio: Any, run_id: int) -> Any:
-    from storage import Run
+    from studio_fixtures import run_row
 
-    with studio.session() as s:
-        return s.get(Run, run_id)
+    return run_row(studio, run_id)
 
 
 def wait_run(studio: Any, run_id: int, until: Callable[[Any], bool], timeout: float = 180.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = _row(studio, run_id)
-        if until(run):
-            return run
-        time.sleep(0.02)
-    from studio import runs
+    from studio_fixtures import wait_run as wait
 
-    raise TimeoutError(
-        f"run {run_id} did not get there in {timeout} s: {run!r}\n{runs.log_tail(studio, run_id)}"
-    )
+    return wait(studio, run_id, until, timeout)
 
 
 def torn_files(studio: Any, run_id: int) -> list[str]:

@@ -7,6 +7,8 @@ Imported by bare name (pytest puts tests/ on the path), like qwen_tiny.
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,8 @@ from distill.backbones.base import Condition
 from distill.backbones.tiny import TinyConfig, TinyEditor
 from distill.effectbench.scenes import make_scene
 from distill.export import CatalogEntry, export_collection_lora
-from storage import Effect, Prompt
-from studio import library, teachers_service
+from storage import Effect, Prompt, Run
+from studio import library, runs, teachers_service
 from studio.config import StudioConfig
 from studio.context import Studio
 
@@ -114,3 +116,24 @@ def add_toy_effect(
         with studio.session() as s:
             row = s.query(Prompt).join(Effect).filter(Effect.name == name).one()
             row.trigger, row.student_prompt = f"<{name}_Xq{seed}>", f"Make the {name} look, seed {seed}."
+
+
+def run_row(studio: Studio, run_id: int) -> Run:
+    with studio.session() as s:
+        return s.get(Run, run_id)
+
+
+def wait_run(
+    studio: Studio, run_id: int, until: Callable[[Run], bool], timeout: float = 60.0, what: str = ""
+) -> Run:
+    """Poll the run's row until ``until`` holds; on timeout, fail with the row and the worker's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = run_row(studio, run_id)
+        if until(run):
+            return run
+        time.sleep(0.02)
+    raise TimeoutError(
+        f"run {run_id}: {what or 'condition'} not reached in {timeout} s: {run!r}\n"
+        f"{runs.log_tail(studio, run_id)}"
+    )

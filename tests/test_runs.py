@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from sqlalchemy import event, func, select
+from studio_fixtures import run_row, wait_run
 
 from storage import Checkpoint, Run, RunMetric, RunStatus, utcnow
 from studio import runs
@@ -40,26 +41,8 @@ def studio(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Studio:
     return Studio.open(StudioConfig(data_dir=data_dir))
 
 
-def _row(studio: Studio, run_id: int) -> Run:
-    with studio.session() as s:
-        return s.get(Run, run_id)
-
-
-def _wait(studio: Studio, run_id: int, until, timeout: float = 60.0, what: str = "") -> Run:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = _row(studio, run_id)
-        if until(run):
-            return run
-        time.sleep(0.02)
-    raise AssertionError(
-        f"run {run_id}: {what or 'condition'} not reached in {timeout} s: {run!r}\n"
-        f"{runs.log_tail(studio, run_id)}"
-    )
-
-
 def _wait_finished(studio: Studio, run_id: int, timeout: float = 60.0) -> Run:
-    return _wait(studio, run_id, lambda r: r.status.finished, timeout, "a final status")
+    return wait_run(studio, run_id, lambda r: r.status.finished, timeout, "a final status")
 
 
 def _assert_nothing_active(studio: Studio) -> None:
@@ -124,9 +107,9 @@ def test_submit_succeeds_with_curves_checkpoints_and_samples(studio: Studio) -> 
 def test_stop_and_sigterm_checkpoint_then_resume_continues(studio: Studio) -> None:
     a = runs.submit(studio, TOY, _toy(150, "a", sleep=0.02, every=50))
     b = runs.submit(studio, TOY, _toy(150, "b", sleep=0.02, every=50))
-    _wait(studio, a, lambda r: r.status == RunStatus.RUNNING and r.step >= 3, what="running")
+    wait_run(studio, a, lambda r: r.status == RunStatus.RUNNING and r.step >= 3, what="running")
     assert runs.request_stop(studio, a) == RunStatus.STOPPING
-    run_b = _wait(studio, b, lambda r: r.status == RunStatus.RUNNING and r.step >= 3, what="running")
+    run_b = wait_run(studio, b, lambda r: r.status == RunStatus.RUNNING and r.step >= 3, what="running")
     os.kill(run_b.pid, signal.SIGTERM)
 
     for rid in (a, b):
@@ -147,12 +130,12 @@ def test_stop_and_sigterm_checkpoint_then_resume_continues(studio: Studio) -> No
 
 def test_kill_9_is_noticed_and_resume_uses_the_last_checkpoint(studio: Studio) -> None:
     rid = runs.submit(studio, TOY, _toy(100, "d", sleep=0.01, every=30, hang_at=70))
-    run = _wait(studio, rid, lambda r: r.step == 70, what="step 70")
+    run = wait_run(studio, rid, lambda r: r.step == 70, what="step 70")
     os.kill(run.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while not runs.reconcile(studio) and time.monotonic() < deadline:
         time.sleep(0.05)
-    run = _row(studio, rid)
+    run = run_row(studio, rid)
     assert run.status == RunStatus.FAILED
     assert "disappeared" in run.error and "resume to continue from step 60" in run.error
     assert max(_losses(studio, rid)) == 70  # points past the checkpoint, redone after resume
@@ -184,7 +167,7 @@ def test_failures_are_recorded_and_a_run_gets_one_worker(studio: Studio) -> None
 
     assert second.wait(timeout=30) == 1 and "already has a worker" in second.stderr.read()
     held.close()
-    run = _row(studio, taken)
+    run = run_row(studio, taken)
     assert (run.status, run.pid, run.started_at) == (RunStatus.QUEUED, None, None)
     assert runs.request_stop(studio, taken) == RunStatus.STOPPED
     _assert_nothing_active(studio)
@@ -198,11 +181,11 @@ def test_one_run_per_device_in_creation_order(studio: Studio, tmp_path: Path) ->
         runs.launch(studio, rid)
     with pytest.raises(runs.RunError, match="already has a worker"):
         runs.launch(studio, first)
-    _wait(studio, first, lambda r: r.status == RunStatus.RUNNING, what="running")
-    run = _wait(studio, second, lambda r: r.metrics.get("waiting_for") == f"run {first}", what="waiting")
+    wait_run(studio, first, lambda r: r.status == RunStatus.RUNNING, what="running")
+    run = wait_run(studio, second, lambda r: r.metrics.get("waiting_for") == f"run {first}", what="waiting")
     assert run.status == RunStatus.QUEUED and runs.run_status(studio, second).waiting_for == f"run {first}"
-    _wait(studio, third, lambda r: "waiting_for" in r.metrics, what="waiting")
-    _wait(studio, fourth, lambda r: "waiting_for" in r.metrics, what="waiting")
+    wait_run(studio, third, lambda r: "waiting_for" in r.metrics, what="waiting")
+    wait_run(studio, fourth, lambda r: "waiting_for" in r.metrics, what="waiting")
     assert runs.request_stop(studio, fourth) == RunStatus.STOPPING  # stop it while it waits
     gate.touch()
 
@@ -238,17 +221,17 @@ def test_reporter_throttles_writes_but_keeps_every_point(studio: Studio) -> None
     for step in range(1, 101):  # 100 steps/s for one second: one write (the first)
         clock.t = (step - 1) * 0.01
         rep.progress(step, 200, {"loss": 1.0 / step})
-    assert len(updates) == 1 and _row(studio, rid).step == 1
+    assert len(updates) == 1 and run_row(studio, rid).step == 1
     assert len(_losses(studio, rid)) == 1
     rep.close()
-    run = _row(studio, rid)
+    run = run_row(studio, rid)
     assert (run.step, run.total_steps, run.progress) == (100, 200, 0.5)
     assert run.metrics["eta_s"] == pytest.approx(1.0, abs=0.02)  # 100 steps left at 100 steps/s
     assert _losses(studio, rid) == list(range(1, 101))
     for step in range(101, 201):
         clock.t = 1.5 + (step - 101) * 0.001
         rep.progress(step, 200, {"loss": 1.0 / step})
-    run = _row(studio, rid)  # the last step is always written
+    run = run_row(studio, rid)  # the last step is always written
     assert (run.step, run.progress) == (200, 1.0) and _losses(studio, rid) == list(range(1, 201))
 
 
@@ -264,7 +247,7 @@ def test_reporter_checkpoints_samples_and_stop_requests(studio: Studio) -> None:
     assert (ckpt.step, ckpt.bytes, ckpt.sha256) == (4, 15, None)
     assert ckpt.path == (rdir / "ck").resolve()
     rep.samples(4, Image.new("RGB", (4, 4), "red"))
-    assert studio.blobs.exists(_row(studio, rid).metrics["samples_sha"], "png")
+    assert studio.blobs.exists(run_row(studio, rid).metrics["samples_sha"], "png")
 
     assert not rep.should_stop()
     with studio.session() as s:
@@ -300,10 +283,10 @@ def test_reconcile_liveness_rules(studio: Studio) -> None:
 
     dead = runs.reconcile(studio)
     assert sorted(dead) == sorted(ids[n] for n, c in cases.items() if c[3])
-    assert "resume to continue from step 7" in _row(studio, ids["dead pid"]).error
-    assert "from the beginning" in _row(studio, ids["pid is not a worker"]).error
-    assert _row(studio, ids["other host, fresh"]).status == RunStatus.RUNNING
-    assert _row(studio, never_launched).status == RunStatus.QUEUED
+    assert "resume to continue from step 7" in run_row(studio, ids["dead pid"]).error
+    assert "from the beginning" in run_row(studio, ids["pid is not a worker"]).error
+    assert run_row(studio, ids["other host, fresh"]).status == RunStatus.RUNNING
+    assert run_row(studio, never_launched).status == RunStatus.QUEUED
     assert runs.reconcile(studio) == []  # idempotent
 
 
@@ -331,7 +314,7 @@ def test_cli(studio: Studio, capsys) -> None:
     code, out = _cli("runs", "show", str(rid), capsys=capsys)
     assert code == 0 and "status:     queued" in out and '"n": 10' in out
     assert _cli("runs", "stop", str(rid), capsys=capsys) == (0, f"run {rid}: stopped\n")  # never launched
-    assert _row(studio, rid).status == RunStatus.STOPPED
+    assert run_row(studio, rid).status == RunStatus.STOPPED
     assert "has no log yet" in _cli("runs", "logs", str(rid), capsys=capsys)[1]
     assert _cli("runs", "show", "999", capsys=capsys) == (2, "error: There is no run 999.\n")
     with studio.session() as s:
@@ -349,4 +332,4 @@ def test_a_just_launched_worker_is_not_taken_for_dead(studio: Studio) -> None:
             run = s.get(Run, rid)
             run.pid, run.host, run.heartbeat_at = os.getpid(), me, beat  # alive, but not a worker
     assert runs.reconcile(studio) == [stale]
-    assert _row(studio, fresh).status == RunStatus.QUEUED
+    assert run_row(studio, fresh).status == RunStatus.QUEUED

@@ -6,15 +6,12 @@ Screenshots go to test-artifacts/ (gitignored) for a human to look at.
 from __future__ import annotations
 
 import io
-import os
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
-from browser_server import free_port, wait_http
+from browser_server import running_studio
 from PIL import Image, ImageDraw
 
 pytestmark = pytest.mark.browser
@@ -56,32 +53,8 @@ def _broken_zip(path: Path) -> Path:
 
 @pytest.fixture()
 def studio_server(tmp_path):
-    port = free_port()
-    log = (tmp_path / "server.log").open("wb")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen(
-        [sys.executable, "app.py", "--data-dir", str(tmp_path / "data"), "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        try:
-            wait_http(url, proc, timeout=45)
-        except AssertionError as e:
-            log.flush()
-            raise AssertionError(f"{e}\n{(tmp_path / 'server.log').read_text()[-3000:]}") from None
+    with running_studio(REPO, tmp_path / "data", tmp_path / "server.log", timeout=45) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)")

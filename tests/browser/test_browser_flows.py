@@ -9,13 +9,11 @@ from __future__ import annotations
 import io
 import os
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
-from browser_server import free_port, wait_http
+from browser_server import running_studio
 from PIL import Image
 
 pytestmark = pytest.mark.browser
@@ -57,30 +55,12 @@ def flows_server(tmp_path):
     TinyEditor.random(
         TinyConfig(num_layers=2, num_heads=2, head_dim=16, text_dim=32, text_layers=1)
     ).save_pretrained(weights)
-    port = free_port()
-    log_path = tmp_path / "server.log"
-    log = log_path.open("wb")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    args = ["--data-dir", str(tmp_path / "data"), "--model-path", str(weights), "--port", str(port)]
-    proc = subprocess.Popen(
-        [sys.executable, "app.py", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
     try:
-        url = f"http://127.0.0.1:{port}/"
-        try:
-            wait_http(url, proc, timeout=300)
-        except AssertionError as e:
-            log.flush()
-            raise AssertionError(f"{e}\n{log_path.read_text()[-3000:]}") from None
-        yield url, tmp_path / "data"
+        with running_studio(
+            REPO, tmp_path / "data", tmp_path / "server.log", "--model-path", str(weights), timeout=300
+        ) as url:
+            yield url, tmp_path / "data"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         _stop_workers(tmp_path / "data")
 
 

@@ -23,6 +23,7 @@ EXT_RE = re.compile(r"[a-z0-9]{1,16}(\.[a-z0-9]{1,8})?")  # "png", "safetensors"
 TMP_DIR = ".tmp"  # staging area of put_file (under root: same filesystem, so renames are atomic)
 TMP_PREFIX = ".tmp-"
 DEFAULT_CHUNK = 1 << 20
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left, or over quota
 
 
 class BlobStoreError(RuntimeError):
@@ -225,7 +226,7 @@ class BlobStore:
         _fsync_dir(dest.parent)
 
     def _error(self, e: OSError, doing: str, size: int | None = None) -> BlobStoreError:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno in DISK_FULL_ERRNOS:
             need = f" ({size / 1e6:.1f} MB)" if size else ""
             return BlobStoreError(
                 f"The disk holding the studio's file store ({self.root}) is full: could not {doing} it"

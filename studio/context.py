@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import BlobStore, database_url, init_db, session_factory, session_scope
+from storage.blobs import DISK_FULL_ERRNOS
 
 from .config import StudioConfig
 
@@ -35,7 +36,7 @@ def check_data_dir(data_dir: Path) -> None:
         probe.open("wb").close()
         probe.unlink()
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno in DISK_FULL_ERRNOS:
             return
         if e.errno in (errno.ENOTDIR, errno.EEXIST):
             why = "part of that path is a file, not a folder; choose another path or"

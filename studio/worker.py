@@ -40,6 +40,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from storage import Run, RunStatus, utcnow
+from storage.blobs import DISK_FULL_ERRNOS
 
 from .config import StudioConfig
 from .context import Studio
@@ -79,7 +80,6 @@ class Outcome:
 
 
 # Disk trouble, whoever raised it (Python, safetensors' Rust writer, SQLite): by errno or by message.
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 READ_ONLY = (errno.EROFS,)
 DISK_FULL_WORDS = ("no space left on device", "database or disk is full", "disk quota exceeded")
 READ_ONLY_WORDS = ("read-only file system", "attempt to write a readonly database")
@@ -92,7 +92,7 @@ def _disk_hint(e: BaseException, data_dir: Path | None) -> str | None:
     while chain is not None and id(chain) not in seen:  # the exception and its causes
         seen.add(id(chain))
         code, words = getattr(chain, "errno", None), str(chain).lower()
-        if code in DISK_FULL or any(w in words for w in DISK_FULL_WORDS):
+        if code in DISK_FULL_ERRNOS or any(w in words for w in DISK_FULL_WORDS):
             return (
                 f"The disk holding the studio data folder{where} is full. Free some space (for example "
                 "delete old runs and checkpoints), then resume the run: it continues from its last checkpoint."

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -66,39 +67,46 @@ def main() -> None:
     setup = R.Setup(bb, args.work, ROOT / "results", False, 0)
     over = {"checkpoint_every": 10**9, "sample_every": 0, **json.loads(args.set), "steps": args.steps}
     cfg = DistillConfig.for_backbone("tiny", **over)
+    work = args.work / "runs" / f"curve_{args.tag}"
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # always from the start, never a resume
+
+    class Curve(NullReporter):
+        """Scores the student every ``--every`` steps, with the mean losses since the last row."""
+
+        def __init__(self) -> None:
+            self.agg: dict[str, list[float]] = {}
+            self.t0 = time.perf_counter()
+
+        def progress(self, step: int, total: int, metrics: dict[str, float]) -> None:
+            for k, v in metrics.items():
+                self.agg.setdefault(k, []).append(v)
+            if step % args.every == 0 or step == total:
+                self.row(step)
+
+        def row(self, step: int) -> None:
+            r = evaluate_system(bb, student_system(adapter="student"), entries, scenes, truths)
+            per = " ".join(f"{k} {v.psnr:.1f}" for k, v in r.per_effect.items())
+            losses = " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(self.agg.items()))
+            print(
+                f"[{args.tag}] step {step} {time.perf_counter() - self.t0:.0f}s PSNR {r.summary.psnr:.2f}"
+                f" BCR {r.summary.bad_case_rate:.2f} | {per} | {losses}",
+                flush=True,
+            )
+            self.agg = {}
+
+    curve = Curve()
     d = CollectionDistiller(
         bb,
         R.effect_specs(setup, names, sp),
         R.general_data(64, 0),
         cfg,
-        args.work / "runs" / f"curve_{args.tag}",
-        NullReporter(),
+        work,
+        curve,
     )
     d.cache.build()
-
-    def row(t: float, agg: dict[str, list[float]]) -> None:
-        r = evaluate_system(bb, student_system(adapter="student"), entries, scenes, truths)
-        adapters.set_trainable(bb.transformer, ["student", "fake"])
-        per = " ".join(f"{k} {v.psnr:.1f}" for k, v in r.per_effect.items())
-        losses = " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(agg.items()))
-        print(
-            f"[{args.tag}] step {d.step} {t:.0f}s PSNR {r.summary.psnr:.2f} BCR {r.summary.bad_case_rate:.2f}"
-            f" | {per} | {losses}",
-            flush=True,
-        )
-
-    row(0.0, {})
-    t0, agg = time.perf_counter(), {}
-    while d.step < cfg.steps:
-        pools = d.critic_pools()
-        critic = [d.critic_step(pools) for _ in range(cfg.critic_updates)]
-        m = d.generator_step()
-        d.step += 1
-        for k, v in {**m, "critic": sum(critic) / len(critic)}.items():
-            agg.setdefault(k, []).append(v)
-        if d.step % args.every == 0 or d.step == cfg.steps:
-            row(time.perf_counter() - t0, agg)
-            agg = {}
+    curve.row(0)
+    curve.t0 = time.perf_counter()  # training time, after the target cache
+    d.train()
 
 
 if __name__ == "__main__":

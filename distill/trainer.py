@@ -225,53 +225,67 @@ class CollectionDistiller:
 
     # -- one update of each ------------------------------------------------------------------------
     def critic_pools(self) -> list[CriticPool]:
-        """One pool of detached student samples per micro-batch (each its own PDSR draw)."""
-        return [self.critic_pool() for _ in range(self.cfg.micro_batches)]
-
-    def critic_pool(self) -> CriticPool:
-        """Detached student samples for the critic updates that precede one generator update.
+        """Detached student samples for the critic updates that precede one generator update: one
+        pool per micro-batch, each its own PDSR draw.
 
         The student does not change between its updates (the 5:1 two-time-scale rule), so all of
         those critic updates see one distribution; one no-grad rollout of the student's few-step
         sampler gives its backward-simulation sample at every exit step at once (plus, on the
         effect stream, target-simulation samples), and each critic update draws its batch from
-        that pool instead of re-running the sampler.
+        that pool instead of re-running the sampler. Every micro-batch's rollout runs in one
+        batched forward per student step (the student adapter is shared; only conditions differ).
 
         The critic must track the student where the DMD terms probe it: on the effect stream the
         generator scores as many target-simulation samples as backward-simulation ones, so the
         critic draws the two kinds equally often (not 1 : student_steps as the pool holds them)."""
-        stream = self._route()
-        batch = self._effect_batch(self._pick_effect()) if stream == "effect" else self._general_batch()
-        xs = rollout_x0s(batch["student"], self._noise(batch), self.sigmas)
-        samples, conds = [xs.flatten(0, 1)], [Condition.cat([batch["c_fake"]] * len(xs))]
-        weights = [torch.full((xs.shape[0] * xs.shape[1],), 1.0 / len(xs))]
-        if stream == "effect" and self.cfg.target_simulation:
-            y = batch["y"]
+        draws = []
+        for _ in range(self.cfg.micro_batches):
+            stream = self._route()
+            batch = self._effect_batch(self._pick_effect()) if stream == "effect" else self._general_batch()
+            draws.append((stream, batch))
+        conds = [b["c_fake"] for _, b in draws]
+        noise = torch.cat([self._noise(b) for _, b in draws])
+        xs_all = rollout_x0s(self._velocity([STUDENT], Condition.cat(conds)), noise, self.sigmas)
+        ts_k = [k for k, (st, _) in enumerate(draws) if st == "effect" and self.cfg.target_simulation]
+        ts_all = None
+        if ts_k:
+            y = torch.cat([draws[k][1]["y"] for k in ts_k])
+            s_gen = self._uniform(self.cfg.s_min, self.cfg.s_gen_max, len(y))
+            student = self._velocity([STUDENT], Condition.cat([conds[k] for k in ts_k]))
             with torch.no_grad():
-                s_gen = self._uniform(self.cfg.s_min, self.cfg.s_gen_max, len(y))
-                samples.append(target_simulation(batch["student"], y, s_gen, self._randn(y)))
-            conds.append(batch["c_fake"])
-            weights.append(torch.ones(len(y)))
-        return CriticPool(torch.cat(samples), Condition.cat(conds), torch.cat(weights))
+                ts_all = target_simulation(student, y, s_gen, self._randn(y)).split(
+                    [len(draws[k][1]["y"]) for k in ts_k]
+                )
+        pools, start = [], 0
+        for k, cond in enumerate(conds):
+            xs = xs_all[:, start : start + len(cond)]
+            start += len(cond)
+            samples, pool_conds = [xs.flatten(0, 1)], [Condition.cat([cond] * len(xs))]
+            weights = [torch.full((xs.shape[0] * xs.shape[1],), 1.0 / len(xs))]
+            if ts_all is not None and k in ts_k:
+                samples.append(ts_all[ts_k.index(k)])
+                pool_conds.append(cond)
+                weights.append(torch.ones(len(cond)))
+            pools.append(CriticPool(torch.cat(samples), Condition.cat(pool_conds), torch.cat(weights)))
+        return pools
 
     def critic_step(self, pools: list[CriticPool]) -> float:
-        """One update of the fake score: flow matching on a batch of detached student samples from
-        every micro-batch's pool, gradients accumulated."""
+        """One update of the fake score: flow matching on a batch of detached student samples drawn
+        from every micro-batch's pool, in one forward (equal draws: the mean of the pools' means)."""
         self.opt_f.zero_grad(set_to_none=True)
-        total = 0.0
+        xs, conds = [], []
         for pool in pools:
             idx = torch.multinomial(pool.weights, self.cfg.batch, replacement=True, generator=self.gen)
-            x = pool.samples[idx]
-            s = self._uniform(self.cfg.s_min, self.cfg.s_max, len(x))
-            loss = critic_loss(
-                self._velocity([FAKE], pool.cond.select(idx.to(x.device))), x, s, self._randn(x)
-            )
-            (loss / len(pools)).backward()
-            total += loss.item() / len(pools)
+            xs.append(pool.samples[idx])
+            conds.append(pool.cond.select(idx.to(pool.samples.device)))
+        x = torch.cat(xs)
+        s = self._uniform(self.cfg.s_min, self.cfg.s_max, len(x))
+        loss = critic_loss(self._velocity([FAKE], Condition.cat(conds)), x, s, self._randn(x))
+        loss.backward()
         self._sync(self.fake_params)
         torch.nn.utils.clip_grad_norm_(self.fake_params, self.cfg.grad_clip)
         self.opt_f.step()
-        return total
+        return loss.item()
 
     def generator_step(self) -> dict[str, float]:
         """One student update: ``micro_batches`` independently routed losses, gradients accumulated

@@ -194,7 +194,7 @@ def test_critic_draws_target_and_backward_simulation_samples_equally(tmp_path: P
     critic must see both as often, although the rollout pool holds one TS sample per student step."""
     d = CollectionDistiller(_backbone(), *_data(), _config(p_switch=1.0, batch=3), tmp_path)
     d.cache.build()
-    pool = d.critic_pool()
+    pool = d.critic_pools()[0]
     n_ts = d.cfg.batch
     assert len(pool.samples) == (d.cfg.student_steps + 1) * n_ts
     torch.testing.assert_close(pool.weights[-n_ts:].sum(), pool.weights[:-n_ts].sum())
@@ -203,4 +203,23 @@ def test_critic_draws_target_and_backward_simulation_samples_equally(tmp_path: P
     )
     assert 0.45 < (draws >= len(pool.samples) - n_ts).float().mean() < 0.55
     general = CollectionDistiller(_backbone(), *_data(), _config(p_switch=0.0, batch=3), tmp_path / "g")
-    assert torch.allclose(general.critic_pool().weights, torch.tensor(1.0 / d.cfg.student_steps))
+    assert torch.allclose(general.critic_pools()[0].weights, torch.tensor(1.0 / d.cfg.student_steps))
+
+
+def test_batched_critic_pools_match_each_micro_batch_rolled_out_alone(tmp_path: Path) -> None:
+    """The micro-batches' rollouts share one batched forward per student step; prompts of different
+    lengths are padded there, which must not change any micro-batch's samples."""
+    d = CollectionDistiller(_backbone(), *_data(), _config(micro_batches=3, p_switch=0.5, seed=5), tmp_path)
+    d.cache.build()
+    noises: list[torch.Tensor] = []
+    make_noise = d._noise
+    d._noise = lambda batch: noises.append(make_noise(batch)) or noises[-1]
+    routes = iter(["effect", "general", "effect"])
+    d._route = lambda: next(routes)
+    pools = d.critic_pools()
+    assert len(pools) == 3 and len({p.cond.embeds.shape[1] for p in pools}) > 1  # lengths differ
+    for pool, noise in zip(pools, noises, strict=True):
+        n = d.cfg.student_steps * len(noise)
+        cond = pool.cond.select(slice(0, len(noise)))
+        alone = trainer_mod.rollout_x0s(d._velocity([trainer_mod.STUDENT], cond), noise, d.sigmas)
+        torch.testing.assert_close(pool.samples[:n], alone.flatten(0, 1), atol=1e-5, rtol=1e-4)

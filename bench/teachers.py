@@ -6,12 +6,17 @@ teachers are sampled (40 Euler steps, true CFG 4.0) on held-out test sources and
 exact ground truth; the base model given the same teacher prompt (no LoRA, same noise) and the
 untouched source are the references. Prints a markdown table and writes it to results/teachers.md.
 
-    OMP_NUM_THREADS=1 python bench/teachers.py [--k 8 | --all | --effects sepia tile_2x2] [--steps N]
+    OMP_NUM_THREADS=1 python bench/teachers.py [--k 8 | --all | --effects sepia tile_2x2] [--steps N] [--resume]
+
+Each finished effect is also appended to ``<out>.jsonl``; ``--resume`` keeps the rows there that were
+made with the same recipe and test set and trains only the missing effects (a long ``--all`` run can be
+stopped and continued).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-test", type=int, default=8, help="test sources per category")
     ap.add_argument("--model-path", default=None, help="tiny weights folder (default: the committed ones)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "teachers.md")
+    ap.add_argument("--resume", action="store_true", help="keep finished effects of <out>.jsonl")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -72,7 +78,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(header, flush=True)
     rows, gains, worst_gap, train_times = [], [], [], []
+    log_file = args.out.with_suffix(".jsonl")
+    key = {"recipe": cfg.to_dict(), "n_test": args.n_test, "model_path": args.model_path}
+    done = {}
+    if args.resume and log_file.exists():
+        for line in log_file.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["key"] == json.loads(json.dumps(key)):
+                done[rec["effect"]] = rec
+    elif log_file.exists():
+        log_file.unlink()
     for name in pick_effects(args):
+        if name in done:  # finished by an earlier, stopped run with the same recipe
+            rec = done[name]
+            rows.append(rec["row"])
+            gains.append(rec["gain"])
+            worst_gap.append(rec["worst_gap"])
+            train_times.append(rec["train_s"])
+            print(rec["row"] + " (earlier run)", flush=True)
+            continue
         effect = get_effect(name)
         pairs = []
         for i in range(spec.n_train_pairs):
@@ -95,6 +119,17 @@ def main(argv: list[str] | None = None) -> None:
         )
         rows.append(row)
         print(row, flush=True)
+        rec = {
+            "effect": name,
+            "key": key,
+            "row": row,
+            "gain": gain,
+            "worst_gap": worst_gap[-1],
+            "train_s": res.seconds,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with log_file.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
         write(args.out, header, rows, cfg, len(scenes), args, argv, "")  # partial results survive a stop
 
     summary = (

@@ -39,6 +39,9 @@ class DistillConfig:
     tau_max: float = 750.0  # generator upper bound: t_gen < tau_max
     tau_min: float = 500.0  # critic lower bound: t_critic > tau_min
     ta_fm_weight: float = 1.0
+    # TA-FM's batch (None: ``batch``); larger draws extra cached targets of the same effect for the
+    # anchor alone: one more student forward, where each DMD sample costs rollouts, scores and critic work
+    ta_fm_batch: int | None = None
     dmd_ts_weight: float = 1.0
     dmd_bs_weight: float = 1.0
     # real score: the teacher's true CFG (uncond + w * (cond - uncond))
@@ -68,6 +71,8 @@ class DistillConfig:
             raise ValueError("tau_min and tau_max are timesteps in [0, 1000]")
         if min(self.critic_updates, self.student_steps, self.steps, self.batch, self.micro_batches) < 1:
             raise ValueError("steps, batch, micro_batches, critic_updates and student_steps must be >= 1")
+        if self.ta_fm_batch is not None and self.ta_fm_batch < 1:
+            raise ValueError("ta_fm_batch must be >= 1 (or unset: the batch)")
         if not (self.ta_fm or self.target_simulation or self.backward_simulation):
             raise ValueError("at least one of ta_fm, target_simulation, backward_simulation must be on")
 

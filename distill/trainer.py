@@ -187,12 +187,15 @@ class CollectionDistiller:
             pool = list(range(len(self.effects)))
         return pool[int(torch.randint(0, len(pool), (1,), generator=self.gen))]
 
+    def _student_prompt(self, i: int) -> str:
+        e = self.effects[i]
+        return e.student_prompt if self.cfg.aop else e.teacher_prompt
+
     def _effect_batch(self, i: int) -> dict[str, Any]:
         e = self.effects[i]
         b = self.cfg.batch
         src, y = self.cache.sample(i, b, self.gen)
-        student_prompt = e.student_prompt if self.cfg.aop else e.teacher_prompt
-        c_student = self._encode([student_prompt] * b, src)
+        c_student = self._encode([self._student_prompt(i)] * b, src)
         c_teacher = self._encode([e.teacher_prompt] * b, src)
         uncond = self._encode([self.bb.negative_prompt] * b, src)
         teacher = [e.teacher_adapter] if e.teacher_adapter else None
@@ -317,9 +320,16 @@ class CollectionDistiller:
             b = len(y)
             loss = torch.zeros((), device=self.bb.device)
             if cfg.ta_fm:  # eq. 6: anchor the student's trajectory on the teacher's target
-                s = sample_timesteps(b, "logit_normal", generator=self.gen).to(self.bb.device)
-                eps = self._randn(y)
-                l_fm = flow_matching_loss(batch["student"](add_noise(y, eps, s), s), y, eps)
+                y_fm, student = y, batch["student"]
+                extra = (cfg.ta_fm_batch or b) - b
+                if extra > 0:
+                    src2, y2 = self.cache.sample(i, extra, self.gen)
+                    c2 = self._encode([self._student_prompt(i)] * extra, src2)
+                    y_fm = torch.cat([y, y2.to(y.device, y.dtype)])
+                    student = self._velocity([STUDENT], Condition.cat([batch["c_fake"], c2]))
+                s = sample_timesteps(len(y_fm), "logit_normal", generator=self.gen).to(self.bb.device)
+                eps = self._randn(y_fm)
+                l_fm = flow_matching_loss(student(add_noise(y_fm, eps, s), s), y_fm, eps)
                 loss = loss + cfg.ta_fm_weight * l_fm
                 m["ta_fm"] = l_fm.item()
             if cfg.target_simulation:  # eq. 7: s_gen < tau_max, s_critic > tau_min
@@ -409,9 +419,9 @@ class CollectionDistiller:
         from PIL import Image
 
         rows = []
-        for i, e in enumerate(self.effects[:max_effects]):
+        for i in range(min(len(self.effects), max_effects)):
             src, y = self.cache.sources[i][:per_effect], self.cache.targets[i][:per_effect]
-            cond = self._encode([e.student_prompt if self.cfg.aop else e.teacher_prompt] * len(src), src)
+            cond = self._encode([self._student_prompt(i)] * len(src), src)
             with adapters.using(self.tr, [STUDENT]):
                 out = euler_sample(self.bb, cond, steps=self.cfg.student_steps, seed=i).images
             for k in range(len(src)):

@@ -223,3 +223,23 @@ def test_batched_critic_pools_match_each_micro_batch_rolled_out_alone(tmp_path: 
         cond = pool.cond.select(slice(0, len(noise)))
         alone = trainer_mod.rollout_x0s(d._velocity([trainer_mod.STUDENT], cond), noise, d.sigmas)
         torch.testing.assert_close(pool.samples[:n], alone.flatten(0, 1), atol=1e-5, rtol=1e-4)
+
+
+def test_ta_fm_batch_draws_extra_targets_of_the_same_effect_for_the_anchor_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, list[int]] = {"fm": [], "dmd": []}
+    fm, dmd = trainer_mod.flow_matching_loss, trainer_mod.dmd_step
+    monkeypatch.setattr(
+        trainer_mod, "flow_matching_loss", lambda v, x0, e: seen["fm"].append(len(v)) or fm(v, x0, e)
+    )
+    monkeypatch.setattr(
+        trainer_mod, "dmd_step", lambda x, *a, **k: seen["dmd"].append(len(x)) or dmd(x, *a, **k)
+    )
+    cfg = _config(p_switch=1.0, batch=2, ta_fm_batch=5, steps=2)
+    d = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path)
+    d.train()
+    assert seen["fm"] and set(seen["fm"]) == {5}
+    assert set(seen["dmd"]) == {2}  # target and backward simulation keep the batch
+    with pytest.raises(ValueError, match="ta_fm_batch"):
+        _config(ta_fm_batch=0)

@@ -238,7 +238,7 @@ def learning_curve(
         adapters.add_lora(tr, "curve", DistillConfig.from_dict(meta["config"]).student_lora)
         with torch.no_grad():
             for name, p in adapter_params(tr, "curve").items():
-                p.copy_(tensors[f"student/{name}"])
+                p.copy_(tensors.get(f"ema/{name}", tensors[f"student/{name}"]))  # what would be exported
         adapters.set_trainable(tr, [])
         r = evaluate_system(s.bb, student_system(adapter="curve"), entries, scenes, truths).summary
         minutes = ((c / "meta.json").stat().st_mtime - t0) / 60

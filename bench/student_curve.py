@@ -84,7 +84,8 @@ def main() -> None:
                 self.row(step)
 
         def row(self, step: int) -> None:
-            r = evaluate_system(bb, student_system(adapter="student"), entries, scenes, truths)
+            with d.ema_weights():  # the student as it would be exported
+                r = evaluate_system(bb, student_system(adapter="student"), entries, scenes, truths)
             per = " ".join(f"{k} {v.psnr:.1f}" for k, v in r.per_effect.items())
             losses = " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(self.agg.items()))
             print(

@@ -7,6 +7,7 @@ and for the baselines that share this code (Lightning = the general stream alone
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +27,12 @@ class DistillConfig:
     # own batch, so one update mixes streams and effects; on one device this emulates it
     micro_batches: int = 1
     grad_clip: float = 1.0
+    # lr over the run, for both optimizers: "constant" (the paper's) or "cosine" down to lr_min_ratio x lr
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.1
+    # exponential moving average of the student's weights (0: off, the paper's); when on, the EMA is
+    # what samples, checkpoints' previews and the exported CollectionLoRA use
+    ema_decay: float = 0.0
     student_steps: int = 8  # the few-step student (NFE 8, no CFG)
     # PDSR (§4.2): effect stream with probability p_switch, else the general stream
     pdsr: bool = True
@@ -71,10 +78,21 @@ class DistillConfig:
             raise ValueError("tau_min and tau_max are timesteps in [0, 1000]")
         if min(self.critic_updates, self.student_steps, self.steps, self.batch, self.micro_batches) < 1:
             raise ValueError("steps, batch, micro_batches, critic_updates and student_steps must be >= 1")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError("lr_schedule must be 'constant' or 'cosine'")
+        if not 0.0 <= self.lr_min_ratio <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("lr_min_ratio must be in [0, 1] and ema_decay in [0, 1)")
         if self.ta_fm_batch is not None and self.ta_fm_batch < 1:
             raise ValueError("ta_fm_batch must be >= 1 (or unset: the batch)")
         if not (self.ta_fm or self.target_simulation or self.backward_simulation):
             raise ValueError("at least one of ta_fm, target_simulation, backward_simulation must be on")
+
+    def lr_factor(self, step: int) -> float:
+        """The lr multiplier at generator step ``step`` (0-based), from the step alone (resume-safe)."""
+        if self.lr_schedule == "constant":
+            return 1.0
+        cos = 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / self.steps))
+        return self.lr_min_ratio + (1.0 - self.lr_min_ratio) * cos
 
     @property
     def s_gen_max(self) -> float:

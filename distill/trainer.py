@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,7 @@ class CollectionDistiller:
         self.fake_params = list(adapter_params(self.tr, FAKE).values())
         self.opt_g = torch.optim.AdamW(self.student_params, lr=config.lr_student, weight_decay=0.0)
         self.opt_f = torch.optim.AdamW(self.fake_params, lr=config.lr_fake, weight_decay=0.0)
+        self.ema = [p.detach().clone() for p in self.student_params] if config.ema_decay > 0 else None
         self.gen = torch.Generator().manual_seed(config.seed * 1009 + self.rank)
         self.step = 0
         h = backbone.image_size
@@ -295,6 +298,7 @@ class CollectionDistiller:
         (on one device, what the paper's GPUs do when each draws its own stream)."""
         cfg = self.cfg
         self.opt_g.zero_grad(set_to_none=True)
+        self._set_lr()
         parts = []
         for _ in range(cfg.micro_batches):
             loss, m = self._generator_loss()
@@ -304,10 +308,40 @@ class CollectionDistiller:
         self._sync(self.student_params)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student_params, cfg.grad_clip))
         self.opt_g.step()
+        self._update_ema()
         keys = sorted(set().union(*parts) - ({"effect"} if len(parts) > 1 else set()))  # an index: no mean
         metrics = {k: sum(p[k] for p in parts if k in p) / sum(k in p for p in parts) for k in keys}
         metrics["grad_norm"] = grad_norm
         return metrics
+
+    def _set_lr(self) -> None:
+        f = self.cfg.lr_factor(self.step)
+        for opt, lr in ((self.opt_g, self.cfg.lr_student), (self.opt_f, self.cfg.lr_fake)):
+            for group in opt.param_groups:
+                group["lr"] = lr * f
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        # the usual warm-up: a short average while few steps exist, so early EMAs are not the init
+        d = min(self.cfg.ema_decay, (1.0 + self.step) / (10.0 + self.step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.student_params], 1.0 - d)
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The student adapter holds the EMA weights inside the block (no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        live = [p.detach().clone() for p in self.student_params]
+        with torch.no_grad():
+            torch._foreach_copy_(self.student_params, self.ema)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.student_params, live)
 
     def _generator_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
@@ -409,6 +443,9 @@ class CollectionDistiller:
                     self.reporter.checkpoint(self.step, self.save(ckpt_dir / f"step-{self.step:06d}"))
         if stopped and self.is_main:
             self.reporter.checkpoint(self.step, self.save(ckpt_dir / f"step-{self.step:06d}"))
+        if not stopped and self.ema is not None:  # the finished student is its EMA (what is exported)
+            with torch.no_grad():
+                torch._foreach_copy_(self.student_params, self.ema)
         adapters.activate(self.tr, [STUDENT])
         return DistillResult(self.step, stopped, time.perf_counter() - t0, metrics)
 
@@ -422,7 +459,7 @@ class CollectionDistiller:
         for i in range(min(len(self.effects), max_effects)):
             src, y = self.cache.sources[i][:per_effect], self.cache.targets[i][:per_effect]
             cond = self._encode([self._student_prompt(i)] * len(src), src)
-            with adapters.using(self.tr, [STUDENT]):
+            with adapters.using(self.tr, [STUDENT]), self.ema_weights():
                 out = euler_sample(self.bb, cond, steps=self.cfg.student_steps, seed=i).images
             for k in range(len(src)):
                 rows.append([src[k], self.bb.decode_latents(y[k : k + 1])[0], out[k]])
@@ -441,6 +478,9 @@ class CollectionDistiller:
         for name in (STUDENT, FAKE):
             for k, p in adapter_params(self.tr, name).items():
                 tensors[f"{name}/{k}"] = p.detach().cpu()
+        if self.ema is not None:
+            for k, e in zip(adapter_params(self.tr, STUDENT), self.ema, strict=True):
+                tensors[f"ema/{k}"] = e.detach().cpu()
         tg, mg = flatten_optimizer(self.opt_g, "opt_g")
         tf, mf = flatten_optimizer(self.opt_f, "opt_f")
         tensors.update(tg)
@@ -469,6 +509,11 @@ class CollectionDistiller:
             self._load_adapter(
                 name, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "/")}
             )
+        if self.ema is not None:
+            names = list(adapter_params(self.tr, STUDENT))
+            with torch.no_grad():  # a checkpoint from before EMA was on starts the EMA at the student
+                for k, e, p in zip(names, self.ema, self.student_params, strict=True):
+                    e.copy_(tensors.get(f"ema/{k}", p.detach()))
         unflatten_optimizer(self.opt_g, "opt_g", tensors, meta["opt_g"])
         unflatten_optimizer(self.opt_f, "opt_f", tensors, meta["opt_f"])
         self.gen.set_state(tensors["rng/generator"])

@@ -150,17 +150,18 @@ def test_ablation_switches_drop_their_losses(tmp_path: Path) -> None:
         _config(ta_fm=False, target_simulation=False, backward_simulation=False)
 
 
-def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    full = CollectionDistiller(_backbone(), *_data(), _config(), tmp_path / "a")
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "lr_schedule": "cosine"}])
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path: Path, extra: dict) -> None:
+    full = CollectionDistiller(_backbone(), *_data(), _config(**extra), tmp_path / "a")
     full.train()
     want = {k: v.clone() for k, v in adapter_params(full.tr, "student").items()}
 
     rec = Recorder(stop_at=2)
-    first = CollectionDistiller(_backbone(), *_data(), _config(), tmp_path / "b", rec)
+    first = CollectionDistiller(_backbone(), *_data(), _config(**extra), tmp_path / "b", rec)
     res = first.train()
     assert res.stopped and res.steps == 2 and rec.checkpoints[-1] == 2
     second = CollectionDistiller(
-        _backbone(), *_data(), _config(), tmp_path / "b"
+        _backbone(), *_data(), _config(**extra), tmp_path / "b"
     )  # a fresh process would do this
     res = second.train()
     assert res.steps == 4 and not res.stopped
@@ -243,3 +244,38 @@ def test_ta_fm_batch_draws_extra_targets_of_the_same_effect_for_the_anchor_only(
     assert set(seen["dmd"]) == {2}  # target and backward simulation keep the batch
     with pytest.raises(ValueError, match="ta_fm_batch"):
         _config(ta_fm_batch=0)
+
+
+def test_cosine_lr_and_the_ema_student(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both optimizers follow the schedule; the EMA is an average of the live weights after each
+    update, and the finished student (what is exported) is that EMA, not the last update."""
+    cfg = _config(steps=3, ema_decay=0.5, lr_schedule="cosine", lr_min_ratio=0.2)
+    assert cfg.lr_factor(0) == 1.0 and abs(cfg.lr_factor(3) - 0.2) < 1e-9
+    assert cfg.lr_factor(1) > cfg.lr_factor(2) > 0.2
+    assert _config().lr_factor(2) == 1.0
+    d = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path)
+    lrs, lives = [], []
+    init = [p.detach().clone() for p in d.student_params]
+    step = d.opt_g.step
+
+    def spy(*a, **k):
+        lrs.append((d.opt_g.param_groups[0]["lr"], d.opt_f.param_groups[0]["lr"]))
+        out = step(*a, **k)
+        lives.append([p.detach().clone() for p in d.student_params])
+        return out
+
+    d.opt_g.step = spy
+    d.train()
+    for i, (g, f) in enumerate(lrs):
+        assert g == pytest.approx(cfg.lr_student * cfg.lr_factor(i))
+        assert f == pytest.approx(cfg.lr_fake * cfg.lr_factor(i))
+    ema = init  # decay min(0.5, (1 + step) / (10 + step)): 0.1 at step 0
+    for i, live in enumerate(lives):
+        dec = min(0.5, (1 + i) / (10 + i))
+        ema = [dec * e + (1 - dec) * w for e, w in zip(ema, live, strict=True)]
+    assert len(lives) == 3
+    assert any(not torch.allclose(a, b) for a, b in zip(ema, lives[-1], strict=True))
+    for got, want in zip(d.student_params, ema, strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _config(lr_schedule="linear")

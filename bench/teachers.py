@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-path", default=None, help="tiny weights folder (default: the committed ones)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "teachers.md")
     ap.add_argument("--resume", action="store_true", help="keep finished effects of <out>.jsonl")
+    ap.add_argument(
+        "--save-loras",
+        type=Path,
+        default=ROOT / "runs" / "bench" / "teachers" / "loras",
+        help="keep each trained teacher here, named as bench/reproduce.py caches them (copy into a tag's loras/)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -107,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
         teacher = evaluate_teacher(backbone, adapter, effect, effect.teacher_prompt, scenes)
         base = evaluate_teacher(backbone, None, effect, effect.teacher_prompt, scenes)
         src_psnr, _ = score(backbone.prepare_images(sources), ground_truths(effect, scenes))
+        if args.save_loras:
+            args.save_loras.mkdir(parents=True, exist_ok=True)
+            f = args.save_loras / f"teacher_{name.replace('-', '_')}.safetensors"
+            adapters.save_lora(backbone.transformer, adapter, f)
+            f.with_suffix(".json").write_text(json.dumps({"seconds": res.seconds}))
         adapters.delete(backbone.transformer, adapter)
         gain = teacher.psnr_mean - base.psnr_mean
         gains.append(gain)

@@ -493,7 +493,10 @@ def main() -> None:
         for label, over in variants:
             adapter = "abl_" + label.split(")")[0].strip("(")
             log(f"ablation {label}")
-            distill_adapter(s, adapter, specs, DistillConfig.for_backbone("tiny", **{**dcfg, **over}))
+            if over:
+                distill_adapter(s, adapter, specs, DistillConfig.for_backbone("tiny", **{**dcfg, **over}))
+            else:  # the full method is Ours, trained above with the same settings
+                adapter = "ours"
             aop = over.get("aop", True)
             sysm = student_system(adapter=adapter, name=label)
             if not aop:

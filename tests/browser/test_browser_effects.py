@@ -53,7 +53,7 @@ def _broken_zip(path: Path) -> Path:
 
 @pytest.fixture()
 def studio_server(tmp_path):
-    with running_studio(REPO, tmp_path / "data", tmp_path / "server.log", timeout=45) as url:
+    with running_studio(REPO, tmp_path / "data", tmp_path / "server.log", timeout=120) as url:  # slow under load
         yield url
 
 

@@ -108,7 +108,8 @@ def test_stop_and_sigterm_checkpoint_then_resume_continues(studio: Studio) -> No
     a = runs.submit(studio, TOY, _toy(150, "a", sleep=0.02, every=50))
     b = runs.submit(studio, TOY, _toy(150, "b", sleep=0.02, every=50))
     wait_run(studio, a, lambda r: r.status == RunStatus.RUNNING and r.step >= 3, what="running")
-    assert runs.request_stop(studio, a) == RunStatus.STOPPING
+    # STOPPED when its worker checkpoints and stops before the request re-reads the row (a loaded machine)
+    assert runs.request_stop(studio, a) in (RunStatus.STOPPING, RunStatus.STOPPED)
     run_b = wait_run(studio, b, lambda r: r.status == RunStatus.RUNNING and r.step >= 3, what="running")
     os.kill(run_b.pid, signal.SIGTERM)
 

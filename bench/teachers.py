@@ -36,6 +36,9 @@ from distill.images import to_tensor  # noqa: E402
 from distill.lora_training import LoraTrainConfig, train_lora  # noqa: E402
 from distill.teachers import evaluate_teacher, ground_truths, score  # noqa: E402
 
+sys.path.append(str(ROOT / "bench"))  # after the repo root: bench/distill.py must not shadow distill/
+from reproduce import teacher_name  # noqa: E402  (one naming of cached teachers)
+
 
 def pick_effects(args: argparse.Namespace) -> list[str]:
     if args.effects:
@@ -85,12 +88,15 @@ def main(argv: list[str] | None = None) -> None:
     print(header, flush=True)
     rows, gains, worst_gap, train_times = [], [], [], []
     log_file = args.out.with_suffix(".jsonl")
-    key = {"recipe": cfg.to_dict(), "n_test": args.n_test, "model_path": args.model_path}
+    # as it reads back from JSON (tuples become lists), so it compares equal to a logged key
+    key = json.loads(
+        json.dumps({"recipe": cfg.to_dict(), "n_test": args.n_test, "model_path": args.model_path})
+    )
     done = {}
     if args.resume and log_file.exists():
         for line in log_file.read_text().splitlines():
             rec = json.loads(line)
-            if rec["key"] == json.loads(json.dumps(key)):
+            if rec["key"] == key:
                 done[rec["effect"]] = rec
     elif log_file.exists():
         log_file.unlink()
@@ -108,14 +114,14 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(spec.n_train_pairs):
             sc = train_scene(effect, i, spec)
             pairs.append((to_tensor(sc.image), to_tensor(ground_truth(effect, sc)), effect.teacher_prompt))
-        adapter = f"teacher_{name}"
+        adapter = teacher_name(name)
         res = train_lora(backbone, adapter, pairs, cfg)
         teacher = evaluate_teacher(backbone, adapter, effect, effect.teacher_prompt, scenes)
         base = evaluate_teacher(backbone, None, effect, effect.teacher_prompt, scenes)
         src_psnr, _ = score(backbone.prepare_images(sources), ground_truths(effect, scenes))
         if args.save_loras:
             args.save_loras.mkdir(parents=True, exist_ok=True)
-            f = args.save_loras / f"teacher_{name.replace('-', '_')}.safetensors"
+            f = args.save_loras / f"{adapter}.safetensors"
             adapters.save_lora(backbone.transformer, adapter, f)
             f.with_suffix(".json").write_text(json.dumps({"seconds": res.seconds}))
         adapters.delete(backbone.transformer, adapter)

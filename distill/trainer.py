@@ -253,23 +253,20 @@ class CollectionDistiller:
         noise = torch.cat([self._noise(b) for _, b in draws])
         xs_all = rollout_x0s(self._velocity([STUDENT], Condition.cat(conds)), noise, self.sigmas)
         ts_k = [k for k, (st, _) in enumerate(draws) if st == "effect" and self.cfg.target_simulation]
-        ts_all = None
+        ts: dict[int, torch.Tensor] = {}  # micro-batch -> its target-simulation samples
         if ts_k:
             y = torch.cat([draws[k][1]["y"] for k in ts_k])
             s_gen = self._uniform(self.cfg.s_min, self.cfg.s_gen_max, len(y))
             student = self._velocity([STUDENT], Condition.cat([conds[k] for k in ts_k]))
             with torch.no_grad():
-                ts_all = target_simulation(student, y, s_gen, self._randn(y)).split(
-                    [len(draws[k][1]["y"]) for k in ts_k]
-                )
-        pools, start = [], 0
-        for k, cond in enumerate(conds):
-            xs = xs_all[:, start : start + len(cond)]
-            start += len(cond)
+                out = target_simulation(student, y, s_gen, self._randn(y))
+            ts = dict(zip(ts_k, out.split([len(draws[k][1]["y"]) for k in ts_k]), strict=True))
+        pools = []
+        for k, (cond, xs) in enumerate(zip(conds, xs_all.split([len(c) for c in conds], dim=1), strict=True)):
             samples, pool_conds = [xs.flatten(0, 1)], [Condition.cat([cond] * len(xs))]
             weights = [torch.full((xs.shape[0] * xs.shape[1],), 1.0 / len(xs))]
-            if ts_all is not None and k in ts_k:
-                samples.append(ts_all[ts_k.index(k)])
+            if k in ts:
+                samples.append(ts[k])
                 pool_conds.append(cond)
                 weights.append(torch.ones(len(cond)))
             pools.append(CriticPool(torch.cat(samples), Condition.cat(pool_conds), torch.cat(weights)))

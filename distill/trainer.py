@@ -295,7 +295,6 @@ class CollectionDistiller:
         (on one device, what the paper's GPUs do when each draws its own stream)."""
         cfg = self.cfg
         self.opt_g.zero_grad(set_to_none=True)
-        self._set_lr()
         parts = []
         for _ in range(cfg.micro_batches):
             loss, m = self._generator_loss()
@@ -421,6 +420,7 @@ class CollectionDistiller:
             if self._any_rank(self.reporter.should_stop()):
                 stopped = True
                 break
+            self._set_lr()  # before the critic updates too: they belong to this step
             pools = self.critic_pools()
             critic = [self.critic_step(pools) for _ in range(cfg.critic_updates)]
             metrics = self.generator_step()

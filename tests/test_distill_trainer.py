@@ -257,9 +257,10 @@ def test_cosine_lr_and_the_ema_student(tmp_path: Path, monkeypatch: pytest.Monke
     assert cfg.lr_factor(1) > cfg.lr_factor(2) > 0.2
     assert _config(lr_schedule="constant").lr_factor(2) == 1.0
     d = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path)
-    lrs, lives = [], []
+    lrs, lives, critic_lrs = [], [], []
     init = [p.detach().clone() for p in d.student_params]
-    step = d.opt_g.step
+    step, f_step = d.opt_g.step, d.opt_f.step
+    d.opt_f.step = lambda *a, **k: critic_lrs.append(d.opt_f.param_groups[0]["lr"]) or f_step(*a, **k)
 
     def spy(*a, **k):
         lrs.append((d.opt_g.param_groups[0]["lr"], d.opt_f.param_groups[0]["lr"]))
@@ -272,6 +273,10 @@ def test_cosine_lr_and_the_ema_student(tmp_path: Path, monkeypatch: pytest.Monke
     for i, (g, f) in enumerate(lrs):
         assert g == pytest.approx(cfg.lr_student * cfg.lr_factor(i))
         assert f == pytest.approx(cfg.lr_fake * cfg.lr_factor(i))
+    per_step = cfg.critic_updates  # the critic updates of step i run at step i's lr
+    assert critic_lrs == pytest.approx(
+        [cfg.lr_fake * cfg.lr_factor(i // per_step) for i in range(3 * per_step)]
+    )
     ema = init  # decay min(0.5, (1 + step) / (10 + step)): 0.1 at step 0
     for i, live in enumerate(lives):
         dec = min(0.5, (1 + i) / (10 + i))

@@ -46,6 +46,9 @@ class DistillConfig:
     tau_max: float = 750.0  # generator upper bound: t_gen < tau_max
     tau_min: float = 500.0  # critic lower bound: t_critic > tau_min
     ta_fm_weight: float = 1.0
+    # TA-FM's noise levels: "logit_normal" (SD3's, mostly mid-level), "uniform", or "student": the
+    # levels the student's own few-step sampler visits, so the anchor trains the states it serves at
+    ta_fm_timesteps: str = "logit_normal"
     # TA-FM's batch (None: ``batch``); larger draws extra cached targets of the same effect for the
     # anchor alone: one more student forward, where each DMD sample costs rollouts, scores and critic work
     ta_fm_batch: int | None = None
@@ -82,6 +85,8 @@ class DistillConfig:
             raise ValueError("lr_schedule must be 'constant' or 'cosine'")
         if not 0.0 <= self.lr_min_ratio <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("lr_min_ratio must be in [0, 1] and ema_decay in [0, 1)")
+        if self.ta_fm_timesteps not in ("logit_normal", "uniform", "student"):
+            raise ValueError("ta_fm_timesteps must be 'logit_normal', 'uniform' or 'student'")
         if self.ta_fm_batch is not None and self.ta_fm_batch < 1:
             raise ValueError("ta_fm_batch must be >= 1 (or unset: the batch)")
         if not (self.ta_fm or self.target_simulation or self.backward_simulation):

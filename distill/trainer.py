@@ -357,7 +357,7 @@ class CollectionDistiller:
                     c2 = self._encode([self._student_prompt(i)] * extra, src2)
                     y_fm = torch.cat([y, y2.to(y.device, y.dtype)])
                     student = self._velocity([STUDENT], Condition.cat([batch["c_fake"], c2]))
-                s = sample_timesteps(len(y_fm), "logit_normal", generator=self.gen).to(self.bb.device)
+                s = self._ta_fm_levels(len(y_fm))
                 eps = self._randn(y_fm)
                 l_fm = flow_matching_loss(student(add_noise(y_fm, eps, s), s), y_fm, eps)
                 loss = loss + cfg.ta_fm_weight * l_fm
@@ -380,6 +380,13 @@ class CollectionDistiller:
             loss = cfg.dmd_bs_weight * loss
             m["dmd_bs_general"], m["bs_gap"] = loss.item(), st["real_fake_gap"]
         return loss, m
+
+    def _ta_fm_levels(self, n: int) -> torch.Tensor:
+        mode = self.cfg.ta_fm_timesteps
+        if mode == "student":
+            idx = torch.randint(0, len(self.sigmas) - 1, (n,), generator=self.gen)
+            return self.sigmas[:-1][idx.to(self.sigmas.device)]
+        return sample_timesteps(n, mode, generator=self.gen).to(self.bb.device)  # type: ignore[arg-type]
 
     def _dmd_bs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         x_g = backward_simulation(batch["student"], self._noise(batch), self.sigmas, self._exit_step())

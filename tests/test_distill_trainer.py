@@ -249,6 +249,26 @@ def test_ta_fm_batch_draws_extra_targets_of_the_same_effect_for_the_anchor_only(
         _config(ta_fm_batch=0)
 
 
+def test_ta_fm_noise_levels_follow_the_configured_sampling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    levels: list[float] = []
+    add = trainer_mod.add_noise
+    monkeypatch.setattr(trainer_mod, "add_noise", lambda x, e, s: levels.extend(s.tolist()) or add(x, e, s))
+    cfg = _config(p_switch=1.0, target_simulation=False, backward_simulation=False, ta_fm_timesteps="student")
+    d = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path)
+    d.train()
+    visited = {round(float(s), 5) for s in d.sigmas[:-1]}  # the student's sampler's levels, no final 0
+    assert len(levels) >= cfg.steps * cfg.micro_batches * cfg.ta_fm_batch
+    assert {round(s, 5) for s in levels} == visited
+    levels.clear()
+    cfg = _config(p_switch=1.0, target_simulation=False, backward_simulation=False, ta_fm_timesteps="uniform")
+    CollectionDistiller(_backbone(), *_data(), cfg, tmp_path / "u").train()
+    assert len({round(s, 5) for s in levels}) == len(levels) and min(levels) > 0.0 and max(levels) < 1.0
+    with pytest.raises(ValueError, match="ta_fm_timesteps"):
+        _config(ta_fm_timesteps="cubic")
+
+
 def test_cosine_lr_and_the_ema_student(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both optimizers follow the schedule; the EMA is an average of the live weights after each
     update, and the finished student (what is exported) is that EMA, not the last update."""

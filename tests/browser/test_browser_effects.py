@@ -53,7 +53,9 @@ def _broken_zip(path: Path) -> Path:
 
 @pytest.fixture()
 def studio_server(tmp_path):
-    with running_studio(REPO, tmp_path / "data", tmp_path / "server.log", timeout=120) as url:  # slow under load
+    with running_studio(
+        REPO, tmp_path / "data", tmp_path / "server.log", timeout=120
+    ) as url:  # slow under load
         yield url
 
 

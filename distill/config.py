@@ -46,6 +46,10 @@ class DistillConfig:
     tau_max: float = 750.0  # generator upper bound: t_gen < tau_max
     tau_min: float = 500.0  # critic lower bound: t_critic > tau_min
     ta_fm_weight: float = 1.0
+    # which effect an effect-stream draw trains: "uniform", or "loss": half the draws uniform, half in
+    # proportion to each effect's running TA-FM loss, so effects the student has not learned yet
+    # (geometric edits, slower than recolours) get more of the run
+    effect_sampling: str = "uniform"
     # TA-FM's noise levels: "logit_normal" (SD3's, mostly mid-level), "uniform", or "student": the
     # levels the student's own few-step sampler visits, so the anchor trains the states it serves at
     ta_fm_timesteps: str = "logit_normal"
@@ -85,6 +89,10 @@ class DistillConfig:
             raise ValueError("lr_schedule must be 'constant' or 'cosine'")
         if not 0.0 <= self.lr_min_ratio <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("lr_min_ratio must be in [0, 1] and ema_decay in [0, 1)")
+        if self.effect_sampling not in ("uniform", "loss"):
+            raise ValueError("effect_sampling must be 'uniform' or 'loss'")
+        if self.effect_sampling == "loss" and not self.ta_fm:
+            raise ValueError("effect_sampling 'loss' follows the TA-FM loss: it needs ta_fm on")
         if self.ta_fm_timesteps not in ("logit_normal", "uniform", "student"):
             raise ValueError("ta_fm_timesteps must be 'logit_normal', 'uniform' or 'student'")
         if self.ta_fm_batch is not None and self.ta_fm_batch < 1:

@@ -140,6 +140,8 @@ class CollectionDistiller:
         new = [i for i, e in enumerate(effects) if e.new]
         old = [i for i, e in enumerate(effects) if not e.new]
         self._new, self._old = new, old
+        # running TA-FM loss per effect (effect_sampling "loss"); unseen effects count as the worst seen
+        self.effect_loss = torch.full((len(effects),), float("nan"))
 
     # -- adapters and scores ---------------------------------------------------------------------
     def _load_adapter(self, name: str, sd: dict[str, torch.Tensor]) -> None:
@@ -188,7 +190,17 @@ class CollectionDistiller:
             )
         else:
             pool = list(range(len(self.effects)))
+        if self.cfg.effect_sampling == "loss":
+            loss = self.effect_loss[pool]
+            seen = loss[~loss.isnan()]
+            loss = loss.nan_to_num(float(seen.max()) if len(seen) else 1.0)
+            p = 0.5 / len(pool) + 0.5 * loss / loss.sum().clamp_min(1e-12)
+            return pool[int(torch.multinomial(p, 1, generator=self.gen))]
         return pool[int(torch.randint(0, len(pool), (1,), generator=self.gen))]
+
+    def _record_effect_loss(self, i: int, loss: float) -> None:
+        old = float(self.effect_loss[i])
+        self.effect_loss[i] = loss if math.isnan(old) else 0.9 * old + 0.1 * loss
 
     def _student_prompt(self, i: int) -> str:
         e = self.effects[i]
@@ -362,6 +374,7 @@ class CollectionDistiller:
                 l_fm = flow_matching_loss(student(add_noise(y_fm, eps, s), s), y_fm, eps)
                 loss = loss + cfg.ta_fm_weight * l_fm
                 m["ta_fm"] = l_fm.item()
+                self._record_effect_loss(i, m["ta_fm"])
             if cfg.target_simulation:  # eq. 7: s_gen < tau_max, s_critic > tau_min
                 s_gen = self._uniform(cfg.s_min, cfg.s_gen_max, b)
                 y_hat = target_simulation(batch["student"], y, s_gen, self._randn(y))
@@ -491,6 +504,7 @@ class CollectionDistiller:
         tensors.update(tf)
         tensors["rng/generator"] = self.gen.get_state()
         tensors["rng/torch"] = torch.get_rng_state()
+        tensors["effect_loss"] = self.effect_loss.clone()
         for i, t in enumerate(self.cache.targets):
             if t is not None:
                 tensors[f"cache/{i}"] = t.cpu()
@@ -523,6 +537,8 @@ class CollectionDistiller:
         self.gen.set_state(tensors["rng/generator"])
         torch.set_rng_state(tensors["rng/torch"])
         self.cache.version = meta.get("cache_version", 0)
+        if "effect_loss" in tensors and len(tensors["effect_loss"]) == len(self.effects):
+            self.effect_loss = tensors["effect_loss"].clone()
         for i in range(len(self.effects)):
             if f"cache/{i}" in tensors:
                 self.cache.targets[i] = tensors[f"cache/{i}"]

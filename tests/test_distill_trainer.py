@@ -152,7 +152,10 @@ def test_ablation_switches_drop_their_losses(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"ema_decay": 0.0, "lr_schedule": "constant", "ta_fm_batch": None}],  # tiny preset, paper
+    [
+        {},  # the tiny preset
+        {"ema_decay": 0.0, "lr_schedule": "constant", "ta_fm_batch": None},  # the paper's
+    ],
 )
 def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path: Path, extra: dict) -> None:
     full = CollectionDistiller(_backbone(), *_data(), _config(**extra), tmp_path / "a")
@@ -267,6 +270,24 @@ def test_ta_fm_noise_levels_follow_the_configured_sampling(
     assert len({round(s, 5) for s in levels}) == len(levels) and min(levels) > 0.0 and max(levels) < 1.0
     with pytest.raises(ValueError, match="ta_fm_timesteps"):
         _config(ta_fm_timesteps="cubic")
+
+
+def test_loss_based_effect_sampling_favours_the_effects_with_a_high_anchor_loss(tmp_path: Path) -> None:
+    cfg = _config(p_switch=1.0, effect_sampling="loss", steps=3)
+    d = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path)
+    d.train()
+    assert not d.effect_loss.isnan().any()  # both effects were drawn and their TA-FM losses kept
+    resumed = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path / "r")
+    resumed.load(d.save(tmp_path / "ckpt"))  # the running losses travel with the checkpoint
+    torch.testing.assert_close(resumed.effect_loss, d.effect_loss)
+    d.effect_loss = torch.tensor([3.0, 1.0])
+    draws = torch.tensor([d._pick_effect() for _ in range(4000)])
+    assert abs(float((draws == 0).float().mean()) - (0.25 + 0.5 * 3 / 4)) < 0.03  # half uniform, half by loss
+    d.effect_loss = torch.tensor([float("nan"), 1.0])  # not seen yet: counts as the worst seen
+    draws = torch.tensor([d._pick_effect() for _ in range(4000)])
+    assert abs(float((draws == 0).float().mean()) - 0.5) < 0.03
+    with pytest.raises(ValueError, match="needs ta_fm"):
+        _config(effect_sampling="loss", ta_fm=False)
 
 
 def test_cosine_lr_and_the_ema_student(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

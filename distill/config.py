@@ -56,6 +56,10 @@ class DistillConfig:
     # TA-FM's batch (None: ``batch``); larger draws extra cached targets of the same effect for the
     # anchor alone: one more student forward, where each DMD sample costs rollouts, scores and critic work
     ta_fm_batch: int | None = None
+    # where those extra anchor targets come from: "same" (the routed effect) or "any": effects drawn as
+    # the effect stream draws them, so each update anchors several effects (how many updates reach an
+    # effect, not the batch, limits how fast a small student learns it: results/recipe_tiny.md)
+    ta_fm_extra: str = "same"
     dmd_ts_weight: float = 1.0
     dmd_bs_weight: float = 1.0
     # real score: the teacher's true CFG (uncond + w * (cond - uncond))
@@ -89,6 +93,8 @@ class DistillConfig:
             raise ValueError("lr_schedule must be 'constant' or 'cosine'")
         if not 0.0 <= self.lr_min_ratio <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("lr_min_ratio must be in [0, 1] and ema_decay in [0, 1)")
+        if self.ta_fm_extra not in ("same", "any"):
+            raise ValueError("ta_fm_extra must be 'same' or 'any'")
         if self.effect_sampling not in ("uniform", "loss"):
             raise ValueError("effect_sampling must be 'uniform' or 'loss'")
         if self.effect_sampling == "loss" and not self.ta_fm:

@@ -39,7 +39,7 @@ from .checkpointing import (
     unflatten_optimizer,
 )
 from .config import DistillConfig
-from .flow import add_noise, sample_timesteps, sigma_schedule
+from .flow import add_noise, sample_timesteps, sigma_schedule, velocity_target
 from .images import to_pil
 from .objectives import VelocityFn, critic_loss, dmd_step, flow_matching_loss
 from .sampling import euler_sample, guided_velocity
@@ -198,9 +198,15 @@ class CollectionDistiller:
             return pool[int(torch.multinomial(p, 1, generator=self.gen))]
         return pool[int(torch.randint(0, len(pool), (1,), generator=self.gen))]
 
-    def _record_effect_loss(self, i: int, loss: float) -> None:
-        old = float(self.effect_loss[i])
-        self.effect_loss[i] = loss if math.isnan(old) else 0.9 * old + 0.1 * loss
+    def _record_effect_losses(
+        self, owners: list[int], v: torch.Tensor, y: torch.Tensor, eps: torch.Tensor
+    ) -> None:
+        """Update each anchored effect's running TA-FM loss with the mean over its own samples."""
+        per = (v.float() - velocity_target(y, eps).float()).pow(2).flatten(1).mean(1).cpu()
+        who = torch.tensor(owners)
+        for j in set(owners):
+            loss, old = float(per[who == j].mean()), float(self.effect_loss[j])
+            self.effect_loss[j] = loss if math.isnan(old) else 0.9 * old + 0.1 * loss
 
     def _student_prompt(self, i: int) -> str:
         e = self.effects[i]
@@ -362,19 +368,21 @@ class CollectionDistiller:
             b = len(y)
             loss = torch.zeros((), device=self.bb.device)
             if cfg.ta_fm:  # eq. 6: anchor the student's trajectory on the teacher's target
-                y_fm, student = y, batch["student"]
+                y_fm, student, owners = y, batch["student"], [i] * b
                 extra = (cfg.ta_fm_batch or b) - b
                 if extra > 0:
-                    src2, y2 = self.cache.sample(i, extra, self.gen)
-                    c2 = self._encode([self._student_prompt(i)] * extra, src2)
+                    picks, y2, c2 = self._anchor_targets(i, extra)
                     y_fm = torch.cat([y, y2.to(y.device, y.dtype)])
                     student = self._velocity([STUDENT], Condition.cat([batch["c_fake"], c2]))
+                    owners += picks
                 s = self._ta_fm_levels(len(y_fm))
                 eps = self._randn(y_fm)
-                l_fm = flow_matching_loss(student(add_noise(y_fm, eps, s), s), y_fm, eps)
+                v = student(add_noise(y_fm, eps, s), s)
+                l_fm = flow_matching_loss(v, y_fm, eps)
                 loss = loss + cfg.ta_fm_weight * l_fm
                 m["ta_fm"] = l_fm.item()
-                self._record_effect_loss(i, m["ta_fm"])
+                if cfg.effect_sampling == "loss":
+                    self._record_effect_losses(owners, v.detach(), y_fm, eps)
             if cfg.target_simulation:  # eq. 7: s_gen < tau_max, s_critic > tau_min
                 s_gen = self._uniform(cfg.s_min, cfg.s_gen_max, b)
                 y_hat = target_simulation(batch["student"], y, s_gen, self._randn(y))
@@ -393,6 +401,18 @@ class CollectionDistiller:
             loss = cfg.dmd_bs_weight * loss
             m["dmd_bs_general"], m["bs_gap"] = loss.item(), st["real_fake_gap"]
         return loss, m
+
+    def _anchor_targets(self, i: int, n: int) -> tuple[list[int], torch.Tensor, Condition]:
+        """``n`` extra TA-FM targets: of effect ``i``, or (ta_fm_extra "any") each of a drawn effect;
+        returns each target's effect, the targets and the student's conditions."""
+        picks = [i] * n if self.cfg.ta_fm_extra == "same" else sorted(self._pick_effect() for _ in range(n))
+        srcs, ys = [], []
+        for j in sorted(set(picks)):
+            src, y = self.cache.sample(j, picks.count(j), self.gen)
+            srcs.append(src)
+            ys.append(y)
+        src = torch.cat(srcs)
+        return picks, torch.cat(ys), self._encode([self._student_prompt(j) for j in picks], src)
 
     def _ta_fm_levels(self, n: int) -> torch.Tensor:
         mode = self.cfg.ta_fm_timesteps

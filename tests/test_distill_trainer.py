@@ -272,6 +272,27 @@ def test_ta_fm_noise_levels_follow_the_configured_sampling(
         _config(ta_fm_timesteps="cubic")
 
 
+def test_ta_fm_extra_any_anchors_other_effects_with_their_own_prompts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _config(p_switch=1.0, batch=2, ta_fm_batch=12, ta_fm_extra="any", effect_sampling="loss", steps=1)
+    d = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path)
+    d.cache.build()
+    encoded: list[list[str]] = []
+    enc = d._encode
+    monkeypatch.setattr(d, "_encode", lambda prompts, src: encoded.append(list(prompts)) or enc(prompts, src))
+    picks, y, _ = d._anchor_targets(0, 10)
+    assert len(picks) == len(y) == 10 and set(picks) == {0, 1}  # both effects among 10 draws
+    assert encoded[-1] == [d._student_prompt(j) for j in picks]  # each target with its effect's prompt
+    for j in (0, 1):  # the targets are that effect's cached teacher outputs
+        mine = y[torch.tensor(picks) == j]
+        assert all(any(torch.equal(t, c) for c in d.cache.targets[j]) for t in mine)
+    d.train()
+    assert not d.effect_loss.isnan().any()
+    with pytest.raises(ValueError, match="ta_fm_extra"):
+        _config(ta_fm_extra="other")
+
+
 def test_loss_based_effect_sampling_favours_the_effects_with_a_high_anchor_loss(tmp_path: Path) -> None:
     cfg = _config(p_switch=1.0, effect_sampling="loss", steps=3)
     d = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path)

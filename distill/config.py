@@ -47,18 +47,17 @@ class DistillConfig:
     tau_min: float = 500.0  # critic lower bound: t_critic > tau_min
     ta_fm_weight: float = 1.0
     # which effect an effect-stream draw trains: "uniform", or "loss": half the draws uniform, half in
-    # proportion to each effect's running TA-FM loss, so effects the student has not learned yet
-    # (geometric edits, slower than recolours) get more of the run
+    # proportion to each effect's running TA-FM loss, to give unlearned effects more of the run
+    # (no gain measured at 3 effects: results/recipe_tiny.md, session 4)
     effect_sampling: str = "uniform"
     # TA-FM's noise levels: "logit_normal" (SD3's, mostly mid-level), "uniform", or "student": the
-    # levels the student's own few-step sampler visits, so the anchor trains the states it serves at
+    # levels the student's own few-step sampler visits (the same quality as logit-normal, measured)
     ta_fm_timesteps: str = "logit_normal"
     # TA-FM's batch (None: ``batch``); larger draws extra cached targets of the same effect for the
     # anchor alone: one more student forward, where each DMD sample costs rollouts, scores and critic work
     ta_fm_batch: int | None = None
     # where those extra anchor targets come from: "same" (the routed effect) or "any": effects drawn as
-    # the effect stream draws them, so each update anchors several effects (how many updates reach an
-    # effect, not the batch, limits how fast a small student learns it: results/recipe_tiny.md)
+    # the effect stream draws them, so each update anchors several effects (no gain measured)
     ta_fm_extra: str = "same"
     dmd_ts_weight: float = 1.0
     dmd_bs_weight: float = 1.0

@@ -22,12 +22,12 @@ import torch  # noqa: E402
 
 from distill.backbones import adapters  # noqa: E402
 from distill.backbones.tiny import TinyEditor  # noqa: E402
-from distill.checkpointing import latest_checkpoint, load_checkpoint  # noqa: E402
+from distill.checkpointing import latest_checkpoint  # noqa: E402
 from distill.effectbench.general import general_sample  # noqa: E402
 from distill.images import resize, to_numpy, to_tensor  # noqa: E402
 from distill.metrics import psnr  # noqa: E402
 from distill.sampling import euler_sample  # noqa: E402
-from distill.trainer import STUDENT, adapter_params  # noqa: E402
+from distill.trainer import STUDENT, load_checkpoint_student  # noqa: E402
 
 
 def main() -> None:
@@ -35,15 +35,15 @@ def main() -> None:
     ap.add_argument("tags", nargs="*", help="bench/student_curve.py run tags")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench" / "10fx")
     ap.add_argument("--n", type=int, default=48, help="held-out general samples")
-    ap.add_argument("--rank", type=int, default=16, help="the students' LoRA rank")
     args = ap.parse_args()
     torch.set_num_threads(1)
     bb = TinyEditor.from_pretrained()
     # seeds far from the general stream's images (general_data draws from seed 0's stream)
     samples = [general_sample(10_000 + k) for k in range(args.n)]
-    src = bb.prepare_images(to_tensor([s.source for s in samples]))
+    sources = to_tensor([s.source for s in samples])
+    src = bb.prepare_images(sources)
     truth = to_numpy(resize(to_tensor([s.target for s in samples]), bb.image_size))
-    source = to_numpy(resize(to_tensor([s.source for s in samples]), bb.image_size))
+    source = to_numpy(resize(sources, bb.image_size))
 
     def score(names: list[str] | None) -> tuple[float, float]:
         with adapters.using(bb.transformer, names), torch.no_grad():
@@ -57,16 +57,11 @@ def main() -> None:
     print("| model | PSNR to the edit's truth | PSNR to the source |\n|---|---|---|")
     t, o = score(None)
     print(f"| base | {t:.2f} | {o:.2f} |", flush=True)
-    adapters.add_lora(bb.transformer, STUDENT, adapters.LoraSpec(rank=args.rank, alpha=float(args.rank)))
-    params = adapter_params(bb.transformer, STUDENT)
     for tag in args.tags:
         ckpt = latest_checkpoint(args.work / "runs" / f"curve_{tag}" / "checkpoints")
         if ckpt is None:
             sys.exit(f"no checkpoint for curve run {tag!r} under {args.work}")
-        tensors, _ = load_checkpoint(ckpt)
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(tensors.get(f"ema/{k}", tensors[f"{STUDENT}/{k}"]))
+        load_checkpoint_student(bb.transformer, ckpt, STUDENT)
         t, o = score([STUDENT])
         print(f"| student {tag} ({ckpt.name}) | {t:.2f} | {o:.2f} |", flush=True)
 

@@ -214,8 +214,7 @@ def learning_curve(
 ) -> str:
     """Ours at ``k`` evenly spaced checkpoints of its run: 8-NFE quality against wall-clock minutes
     since the run started (target cache included), read from the checkpoint folders' times."""
-    from distill.checkpointing import load_checkpoint
-    from distill.trainer import adapter_params
+    from distill.trainer import load_checkpoint_student
 
     run = s.work / "runs" / adapter
     ckpts = sorted((run / "checkpoints").glob("step-*"))
@@ -232,14 +231,7 @@ def learning_curve(
     ]
     tr = s.bb.transformer
     for c in pick:
-        tensors, meta = load_checkpoint(c)
-        if "curve" in adapters.adapter_names(tr):
-            adapters.delete(tr, "curve")
-        adapters.add_lora(tr, "curve", DistillConfig.from_dict(meta["config"]).student_lora)
-        with torch.no_grad():
-            for name, p in adapter_params(tr, "curve").items():
-                p.copy_(tensors.get(f"ema/{name}", tensors[f"student/{name}"]))  # what would be exported
-        adapters.set_trainable(tr, [])
+        meta = load_checkpoint_student(tr, c, "curve")  # what would be exported
         r = evaluate_system(s.bb, student_system(adapter="curve"), entries, scenes, truths).summary
         minutes = ((c / "meta.json").stat().st_mtime - t0) / 60
         lines.append(

@@ -578,5 +578,19 @@ def adapter_params(transformer: torch.nn.Module, adapter: str) -> dict[str, torc
     }
 
 
+def load_checkpoint_student(transformer: torch.nn.Module, path: Path, adapter: str) -> dict[str, Any]:
+    """Add ``adapter`` holding a checkpoint's student as it would be exported (its EMA when the run
+    kept one, else the live weights), shaped by the run's own config; returns the checkpoint's meta."""
+    tensors, meta = load_checkpoint(path)
+    if adapter in adapters.adapter_names(transformer):
+        adapters.delete(transformer, adapter)
+    adapters.add_lora(transformer, adapter, DistillConfig.from_dict(meta["config"]).student_lora)
+    with torch.no_grad():
+        for name, p in adapter_params(transformer, adapter).items():
+            p.copy_(tensors.get(f"ema/{name}", tensors[f"{STUDENT}/{name}"]))
+    adapters.set_trainable(transformer, [])
+    return meta
+
+
 def estimate_eta(done: int, total: int, seconds: float) -> float:
     return math.inf if done == 0 else seconds / done * (total - done)

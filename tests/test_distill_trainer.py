@@ -311,6 +311,20 @@ def test_loss_based_effect_sampling_favours_the_effects_with_a_high_anchor_loss(
         _config(effect_sampling="loss", ta_fm=False)
 
 
+def test_a_checkpoint_student_loads_as_it_would_be_exported(tmp_path: Path) -> None:
+    cfg = _config(steps=3, ema_decay=0.5, student_lora={"rank": 6, "alpha": 6.0})
+    d = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path)
+    d.train()  # finished: the student adapter now holds its EMA
+    want = {k: v.detach().clone() for k, v in adapter_params(d.tr, "student").items()}
+    bb = _backbone()
+    meta = trainer_mod.load_checkpoint_student(bb.transformer, tmp_path / "checkpoints" / "step-000003", "x")
+    assert meta["step"] == 3
+    got = adapter_params(bb.transformer, "x")
+    assert got["transformer_blocks.0.attn.to_q.lora_A"].shape[0] == 6  # the run's rank, from its config
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v)
+
+
 def test_cosine_lr_and_the_ema_student(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both optimizers follow the schedule; the EMA is an average of the live weights after each
     update, and the finished student (what is exported) is that EMA, not the last update."""

@@ -31,8 +31,15 @@ def backward_simulation(
         for i in range(exit_step):
             s = sigmas[i].expand(b)
             x = x + (sigmas[i + 1] - sigmas[i]) * student(x, s)
-    s = sigmas[exit_step].expand(b)
-    return x0_from_velocity(x, s, student(x, s))
+    return exit_step_x0(student, x, sigmas, exit_step)
+
+
+def exit_step_x0(
+    student: VelocityFn, state: torch.Tensor, sigmas: torch.Tensor, exit_step: int
+) -> torch.Tensor:
+    """The student's x0 estimate (with grad) from ``state``, its sampler's state at ``exit_step``."""
+    s = sigmas[exit_step].expand(state.shape[0])
+    return x0_from_velocity(state, s, student(state, s))
 
 
 def target_simulation(
@@ -43,14 +50,25 @@ def target_simulation(
     return x0_from_velocity(y_t, s_gen, student(y_t, s_gen))
 
 
-def rollout_x0s(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """The student's x0 estimate at every step of its sampler from ``noise`` (no grad), stacked
-    (steps, B, ...): entry k is what ``backward_simulation`` yields at exit step k."""
-    x, b, outs = noise, noise.shape[0], []
+def rollout(
+    student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's sampler from ``noise`` (no grad): its state entering every step and its x0
+    estimate there, each stacked (steps, B, ...). Entry k of the estimates is what
+    ``backward_simulation`` yields at exit step k; entry k of the states is where that call's
+    gradient-carrying step starts (``exit_step_x0``)."""
+    x, b, states, outs = noise, noise.shape[0], [], []
     with torch.no_grad():
         for i in range(len(sigmas) - 1):
             s = sigmas[i].expand(b)
             v = student(x, s)
+            states.append(x)
             outs.append(x0_from_velocity(x, s, v))
             x = x + (sigmas[i + 1] - sigmas[i]) * v
-    return torch.stack(outs)
+    return torch.stack(states), torch.stack(outs)
+
+
+def rollout_x0s(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The student's x0 estimate at every step of its sampler from ``noise`` (no grad), stacked
+    (steps, B, ...): entry k is what ``backward_simulation`` yields at exit step k."""
+    return rollout(student, noise, sigmas)[1]

@@ -43,7 +43,7 @@ from .flow import add_noise, sample_timesteps, sigma_schedule, velocity_target
 from .images import to_pil
 from .objectives import VelocityFn, critic_loss, dmd_step, flow_matching_loss
 from .sampling import euler_sample, guided_velocity
-from .simulation import backward_simulation, rollout_x0s, target_simulation
+from .simulation import backward_simulation, exit_step_x0, rollout, target_simulation
 from .targets import EffectSpec, TargetCache
 
 STUDENT, FAKE = "student", "fake"
@@ -142,6 +142,8 @@ class CollectionDistiller:
         self._new, self._old = new, old
         # running TA-FM loss per effect (effect_sampling "loss"); unseen effects count as the worst seen
         self.effect_loss = torch.full((len(effects),), float("nan"))
+        # the micro-batch draws of the current step's critic pools, which its generator update reuses
+        self._draws: list[tuple[str, dict[str, Any]]] | None = None
 
     # -- adapters and scores ---------------------------------------------------------------------
     def _load_adapter(self, name: str, sd: dict[str, torch.Tensor]) -> None:
@@ -221,6 +223,7 @@ class CollectionDistiller:
         uncond = self._encode([self.bb.negative_prompt] * b, src)
         teacher = [e.teacher_adapter] if e.teacher_adapter else None
         return {
+            "effect": i,
             "y": y.to(self.bb.device, self.bb.dtype),
             "c_fake": c_student,  # the critic models the student's distribution under its own condition
             "student": self._velocity([STUDENT], c_student),
@@ -261,15 +264,20 @@ class CollectionDistiller:
 
         The critic must track the student where the DMD terms probe it: on the effect stream the
         generator scores as many target-simulation samples as backward-simulation ones, so the
-        critic draws the two kinds equally often (not 1 : student_steps as the pool holds them)."""
-        draws = []
-        for _ in range(self.cfg.micro_batches):
-            stream = self._route()
-            batch = self._effect_batch(self._pick_effect()) if stream == "effect" else self._general_batch()
-            draws.append((stream, batch))
+        critic draws the two kinds equally often (not 1 : student_steps as the pool holds them).
+
+        The following generator update reuses these draws (DMD2 trains its critic on the generator's
+        own samples): its backward simulation starts from the rollout's state at its exit step, the
+        same sample a fresh rollout would reach (the student has not changed), without re-running
+        the sampler's no-grad steps."""
+        draws = [self._draw() for _ in range(self.cfg.micro_batches)]
         conds = [b["c_fake"] for _, b in draws]
         noise = torch.cat([self._noise(b) for _, b in draws])
-        xs_all = rollout_x0s(self._velocity([STUDENT], Condition.cat(conds)), noise, self.sigmas)
+        states_all, xs_all = rollout(self._velocity([STUDENT], Condition.cat(conds)), noise, self.sigmas)
+        sizes = [len(c) for c in conds]
+        for (_, batch), states in zip(draws, states_all.split(sizes, dim=1), strict=True):
+            batch["states"] = states
+        self._draws = draws
         ts_k = [k for k, (st, _) in enumerate(draws) if st == "effect" and self.cfg.target_simulation]
         ts: dict[int, torch.Tensor] = {}  # micro-batch -> its target-simulation samples
         if ts_k:
@@ -280,7 +288,7 @@ class CollectionDistiller:
                 out = target_simulation(student, y, s_gen, self._randn(y))
             ts = dict(zip(ts_k, out.split([len(draws[k][1]["y"]) for k in ts_k]), strict=True))
         pools = []
-        for k, (cond, xs) in enumerate(zip(conds, xs_all.split([len(c) for c in conds], dim=1), strict=True)):
+        for k, (cond, xs) in enumerate(zip(conds, xs_all.split(sizes, dim=1), strict=True)):
             samples, pool_conds = [xs.flatten(0, 1)], [Condition.cat([cond] * len(xs))]
             weights = [torch.full((xs.shape[0] * xs.shape[1],), 1.0 / len(xs))]
             if k in ts:
@@ -310,12 +318,14 @@ class CollectionDistiller:
 
     def generator_step(self) -> dict[str, float]:
         """One student update: ``micro_batches`` independently routed losses, gradients accumulated
-        (on one device, what the paper's GPUs do when each draws its own stream)."""
+        (on one device, what the paper's GPUs do when each draws its own stream). The draws are those
+        of the preceding ``critic_pools`` (fresh ones when called alone)."""
         cfg = self.cfg
         self.opt_g.zero_grad(set_to_none=True)
+        draws, self._draws = self._draws or [self._draw() for _ in range(cfg.micro_batches)], None
         parts = []
-        for _ in range(cfg.micro_batches):
-            loss, m = self._generator_loss()
+        for stream, batch in draws:
+            loss, m = self._generator_loss(stream, batch)
             (loss / cfg.micro_batches).backward()
             m["loss"] = loss.item()
             parts.append(m)
@@ -357,13 +367,18 @@ class CollectionDistiller:
             with torch.no_grad():
                 torch._foreach_copy_(self.student_params, live)
 
-    def _generator_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.cfg
+    def _draw(self) -> tuple[str, dict[str, Any]]:
+        """One micro-batch's PDSR draw: its stream and its batch (effect, sources, conditions, scores)."""
         stream = self._route()
+        return stream, self._effect_batch(
+            self._pick_effect()
+        ) if stream == "effect" else self._general_batch()
+
+    def _generator_loss(self, stream: str, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
         m: dict[str, float] = {"effect_stream": float(stream == "effect")}
         if stream == "effect":
-            i = self._pick_effect()
-            batch = self._effect_batch(i)
+            i = batch["effect"]
             y = batch["y"]
             b = len(y)
             loss = torch.zeros((), device=self.bb.device)
@@ -396,7 +411,6 @@ class CollectionDistiller:
                 m["dmd_bs"], m["bs_gap"] = l_bs.item(), st["real_fake_gap"]
             m["effect"] = float(i)
         else:
-            batch = self._general_batch()
             loss, st = self._dmd_bs(batch)
             loss = cfg.dmd_bs_weight * loss
             m["dmd_bs_general"], m["bs_gap"] = loss.item(), st["real_fake_gap"]
@@ -422,7 +436,11 @@ class CollectionDistiller:
         return sample_timesteps(n, mode, generator=self.gen).to(self.bb.device)  # type: ignore[arg-type]
 
     def _dmd_bs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        x_g = backward_simulation(batch["student"], self._noise(batch), self.sigmas, self._exit_step())
+        k = self._exit_step()
+        if "states" in batch:  # the critic pool's rollout of this draw already reached step k
+            x_g = exit_step_x0(batch["student"], batch["states"][k], self.sigmas, k)
+        else:
+            x_g = backward_simulation(batch["student"], self._noise(batch), self.sigmas, k)
         s_crit = self._uniform(self.cfg.s_min, self.cfg.s_max, len(x_g))
         return dmd_step(x_g, s_crit, batch["real"], batch["fake"], self.gen)
 

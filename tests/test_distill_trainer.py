@@ -12,6 +12,7 @@ from distill.backbones import adapters
 from distill.backbones.tiny import TinyConfig, TinyEditor
 from distill.callbacks import NullReporter
 from distill.config import DistillConfig
+from distill.simulation import rollout_x0s
 from distill.targets import EffectSpec
 from distill.trainer import CollectionDistiller, GeneralData, adapter_params
 
@@ -190,7 +191,7 @@ def test_micro_batches_route_independently_and_accumulate(tmp_path: Path) -> Non
     d._route = lambda: (counts.__setitem__("routes", counts["routes"] + 1), route())[1]
     d.train()
     assert counts["g"] == 6 and counts["f"] == 6 * d.cfg.critic_updates
-    assert counts["routes"] == 6 * 4 * 2  # a critic pool and a generator loss per micro-batch
+    assert counts["routes"] == 6 * 4  # one draw per micro-batch: its critic pool and its generator loss
     shares = [m["effect_stream"] for m in rec.metrics]
     assert all(s in (0.0, 0.25, 0.5, 0.75, 1.0) for s in shares)
     assert any(0.0 < s < 1.0 for s in shares)  # both streams inside one update
@@ -228,8 +229,43 @@ def test_batched_critic_pools_match_each_micro_batch_rolled_out_alone(tmp_path: 
     for pool, noise in zip(pools, noises, strict=True):
         n = d.cfg.student_steps * len(noise)
         cond = pool.cond.select(slice(0, len(noise)))
-        alone = trainer_mod.rollout_x0s(d._velocity([trainer_mod.STUDENT], cond), noise, d.sigmas)
+        alone = rollout_x0s(d._velocity([trainer_mod.STUDENT], cond), noise, d.sigmas)
         torch.testing.assert_close(pool.samples[:n], alone.flatten(0, 1), atol=1e-5, rtol=1e-4)
+
+
+def test_generator_backward_simulation_resumes_the_critic_pools_rollout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The generator update reuses its step's critic draws: its backward-simulation sample starts from
+    the pool's rollout state at the exit step, which is what a fresh rollout of the (unchanged) student
+    from the same noise reaches, and it runs no sampler steps of its own."""
+    d = CollectionDistiller(_backbone(), *_data(), _config(micro_batches=2, p_switch=0.5, seed=4), tmp_path)
+    d.cache.build()
+    noises: list[torch.Tensor] = []
+    make_noise = d._noise
+    d._noise = lambda batch: noises.append(make_noise(batch)) or noises[-1]
+    routes = iter(["effect", "general"])
+    d._route = lambda: next(routes)
+    d.critic_pools()
+    draws = d._draws
+    student = d._velocity([trainer_mod.STUDENT], draws[0][1]["c_fake"])
+    for k in (0, 2, d.cfg.student_steps - 1):
+        torch.testing.assert_close(
+            trainer_mod.exit_step_x0(student, draws[0][1]["states"][k], d.sigmas, k),
+            trainer_mod.backward_simulation(student, noises[0], d.sigmas, k),
+            atol=1e-5,
+            rtol=1e-4,
+        )
+    calls = {"bs": 0}
+    bs = trainer_mod.backward_simulation
+    monkeypatch.setattr(
+        trainer_mod,
+        "backward_simulation",
+        lambda *a, **k: (calls.__setitem__("bs", calls["bs"] + 1), bs(*a, **k))[1],
+    )
+    d._route = lambda: pytest.fail("the generator must not draw again")
+    m = d.generator_step()
+    assert calls["bs"] == 0 and m["effect_stream"] == 0.5 and d._draws is None
 
 
 def test_ta_fm_batch_draws_extra_targets_of_the_same_effect_for_the_anchor_only(

@@ -6,7 +6,7 @@ teachers are sampled (40 Euler steps, true CFG 4.0) on held-out test sources and
 exact ground truth; the base model given the same teacher prompt (no LoRA, same noise) and the
 untouched source are the references. Prints a markdown table and writes it to results/teachers.md.
 
-    OMP_NUM_THREADS=1 python bench/teachers.py [--k 8 | --all | --effects sepia tile_2x2] [--steps N] [--resume]
+    OMP_NUM_THREADS=1 python bench/teachers.py [--k 8 | --all | --effects sepia tile_2x2] [--steps N] [--set JSON] [--resume]
 
 Each finished effect is also appended to ``<out>.jsonl``; ``--resume`` keeps the rows there that were
 made with the same recipe and test set and trains only the missing effects (a long ``--all`` run can be
@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument(
+        "--set",
+        default="{}",
+        help="other LoraTrainConfig overrides of the tiny preset (JSON), e.g. timestep_sampling",
+    )
     ap.add_argument("--n-test", type=int, default=8, help="test sources per category")
     ap.add_argument("--model-path", default=None, help="tiny weights folder (default: the committed ones)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "teachers.md")
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
 
     overrides = {k: getattr(args, k) for k in ("steps", "lr", "batch") if getattr(args, k) is not None}
+    overrides.update(json.loads(args.set))
     if args.rank is not None:
         overrides.update(rank=args.rank, alpha=float(args.rank))
     cfg = LoraTrainConfig.for_backbone("tiny", sample_every=0, checkpoint_every=0, **overrides)

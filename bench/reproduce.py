@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -59,6 +60,7 @@ class Setup:
     out: Path
     quick: bool
     seed: int
+    processes: int = 1  # > 1: distillation runs as that many CPU processes under accelerate (gloo)
 
 
 def log(msg: str) -> None:
@@ -166,6 +168,10 @@ def distill_adapter(
         run = s.work / "runs" / adapter
         run.mkdir(parents=True, exist_ok=True)
         (run / "started.json").write_text(json.dumps({"t": time.time()}))  # for --curve's minutes
+        if s.processes > 1 and init is None:
+            launch_distill(s, run, effects, cfg)
+            adapters.load_lora(s.bb.transformer, run / "student.safetensors", adapter)
+            return
         init_sd = None
         if init:
             init_sd = {k: v for k, v in _adapter_sd(s, init).items()}
@@ -187,6 +193,66 @@ def distill_adapter(
     sec = ensure_lora(s, adapter, train)
     adapters.set_trainable(s.bb.transformer, [])
     return sec
+
+
+def launch_distill(s: Setup, run: Path, effects: list[EffectSpec], cfg: DistillConfig) -> None:
+    """The same distillation as ``CollectionDistiller`` in this process, run as ``s.processes`` CPU
+    processes of one thread each (``accelerate launch``, gloo; distill/launch.py): each rank draws
+    ``micro_batches / processes`` of every update's micro-batches and the gradients are averaged, so
+    an update sees as many independent draws as the in-process run, on every core at once."""
+    n = s.processes
+    if cfg.micro_batches % n:
+        raise SystemExit(f"--processes {n} must divide the preset's micro_batches ({cfg.micro_batches})")
+    src_dir = run / "spec_sources"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    spec_effects = []
+    for e in effects:
+        paths = []
+        for k, im in enumerate(to_pil(e.sources)):
+            paths.append(str(src_dir / f"{e.name}_{k:03d}.png"))
+            im.save(paths[-1])
+        teacher = str(_adapter_file(s, e.teacher_adapter)) if e.teacher_adapter else None
+        spec_effects.append(
+            dict(
+                name=e.name,
+                teacher_lora=teacher,
+                teacher_prompt=e.teacher_prompt,
+                student_prompt=e.student_prompt,
+                sources=paths,
+            )
+        )
+    general = general_data(64, s.seed)
+    spec = {
+        "backbone": "tiny",
+        "cpu": True,
+        "general_images": len(general.instructions),
+        "general_instructions": general.instructions,
+        "effects": spec_effects,
+        "config": {**cfg.to_dict(), "micro_batches": cfg.micro_batches // n},
+    }
+    (run / "spec.json").write_text(json.dumps(spec))
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(n),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "distill.launch",
+        "--spec",
+        str(run / "spec.json"),
+        "--work",
+        str(run),
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True)
 
 
 def _adapter_sd(s: Setup, adapter: str) -> dict[str, torch.Tensor]:
@@ -342,6 +408,12 @@ def main() -> None:
         metavar="K",
         help="also evaluate K evenly spaced checkpoints of Ours (quality against minutes of training)",
     )
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run each distillation as N one-thread CPU processes (accelerate, gloo) instead of in-process",
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
@@ -367,8 +439,10 @@ def main() -> None:
         args.distill_steps = args.distill_steps or 2
         args.lightning_steps = args.lightning_steps or 2
         args.fm_steps = args.fm_steps or 4
+    if q and args.processes > 1:
+        ap.error("--processes runs the committed tiny backbone; --quick builds a random one in this process")
     tag = args.tag or ("quick" if q else f"{args.effects}fx")
-    s = Setup(load_backbone(q), args.work / tag, args.out, q, args.seed)
+    s = Setup(load_backbone(q), args.work / tag, args.out, q, args.seed, args.processes)
     s.out.mkdir(parents=True, exist_ok=True)
     names = args.names.split(",") if args.names else bench_effects(args.effects)
     unknown = [n for n in names if n not in {e.name for e in EFFECTS}]

@@ -5,7 +5,8 @@
     accelerate launch --cpu --num_processes 2 -m distill.launch --spec spec.json --work runs/x   # gloo
 
 The spec (JSON) names the backbone, each effect (teacher LoRA file, teacher prompt, student
-condition, source images) and the DistillConfig overrides. Every rank builds the same adapters from
+condition, source images), the DistillConfig overrides, and optionally the general stream's
+instructions (``general_instructions``, one per general image). Every rank builds the same adapters from
 the same seed and draws its own batches; the trainer averages LoRA gradients across ranks. The main
 process writes checkpoints and ``student.safetensors``; every rank writes ``rank-<i>.json`` with a
 digest of its final student, so a launcher can check the ranks stayed in sync.
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
         effects.append(EffectSpec(e["name"], name, e["teacher_prompt"], e["student_prompt"], sources))
     config = DistillConfig.for_backbone(backbone.name, **spec.get("config", {}))
     general = _general(int(spec.get("general_images", 64)), config.seed)
+    if spec.get("general_instructions"):  # a caller's own instructions for those images
+        general = GeneralData(general.images, list(spec["general_instructions"]))
+        if len(general.instructions) != len(general.images):
+            raise SystemExit("general_instructions must hold one instruction per general image")
     reporter = TqdmReporter("distill") if acc.is_main_process and not spec.get("quiet") else NullReporter()
     args.work.mkdir(parents=True, exist_ok=True)
     result = CollectionDistiller(

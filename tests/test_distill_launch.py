@@ -34,6 +34,7 @@ def _spec(d: Path) -> Path:
         "cpu": True,
         "quiet": True,
         "general_images": 6,
+        "general_instructions": ["Flip it.", "Keep it."] * 3,
         "effects": [
             {
                 "name": "fx",

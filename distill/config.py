@@ -145,13 +145,15 @@ class DistillConfig:
             # 3-10 against TA-FM's 0.1-0.3 and drowned the coarse anchor early. Two micro-batches of 2 mix streams and
             # effects within an update (19.3 vs 18.8 dB at step 100 against one batch of 4). At 300 steps
             # (3 effects): 22.0 dB; + an EMA of 0.98 22.6; + TA-FM on 8 cached targets 22.8 (16: 22.4);
-            # + cosine lr 23.0, for 9% more time per step (results/recipe_tiny.md).
+            # + cosine lr 23.0, for 9% more time per step (results/recipe_tiny.md). Per minute of
+            # training, one micro-batch of 2 beats two (23.9 vs 23.1 dB at equal time: more, cheaper
+            # updates; session 5), so the preset takes one.
             base: dict[str, Any] = dict(
                 steps=1000,
                 lr_student=2e-3,
                 lr_fake=2e-3,
                 batch=2,
-                micro_batches=2,
+                micro_batches=1,
                 dmd_ts_weight=0.25,
                 ta_fm_batch=8,
                 ema_decay=0.98,

@@ -45,6 +45,7 @@ from distill.evaluation import (  # noqa: E402
     teacher_system,
 )
 from distill.images import to_pil, to_tensor  # noqa: E402
+from distill.launch import cpu_command  # noqa: E402
 from distill.lora_training import LoraTrainConfig, train_lora  # noqa: E402
 from distill.prompts import student_condition  # noqa: E402
 from distill.prompts.describer import describe_effect  # noqa: E402
@@ -231,28 +232,8 @@ def launch_distill(s: Setup, run: Path, effects: list[EffectSpec], cfg: DistillC
         "config": {**cfg.to_dict(), "micro_batches": cfg.micro_batches // n},
     }
     (run / "spec.json").write_text(json.dumps(spec))
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(n),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "distill.launch",
-        "--spec",
-        str(run / "spec.json"),
-        "--work",
-        str(run),
-    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True)
+    subprocess.run(cpu_command(run / "spec.json", run, n), env=env, cwd=ROOT, check=True)
 
 
 def _adapter_sd(s: Setup, adapter: str) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -36,6 +37,31 @@ def _general(n: int, seed: int) -> GeneralData:
     g = torch.Generator().manual_seed(seed)
     picks = torch.randint(0, len(phrasings), (n,), generator=g).tolist()
     return GeneralData(to_tensor(general_images(n, seed)), [phrasings[i] for i in picks])
+
+
+def cpu_command(spec: Path, work: Path, processes: int) -> list[str]:
+    """The command that runs this script as ``processes`` CPU processes under accelerate (gloo);
+    run it with ``CUDA_VISIBLE_DEVICES=""`` and ``OMP_NUM_THREADS=1`` in its environment."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "distill.launch",
+        "--spec",
+        str(spec),
+        "--work",
+        str(work),
+    ]
 
 
 def student_digest(transformer: torch.nn.Module) -> str:

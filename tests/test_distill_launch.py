@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from distill.backbones import adapters
 from distill.backbones.tiny import TinyConfig, TinyEditor
 from distill.images import to_pil
+from distill.launch import cpu_command
 
 
 def _spec(d: Path) -> Path:
@@ -63,28 +63,13 @@ def test_two_cpu_processes_average_gradients_and_agree(tmp_path: Path) -> None:
     spec = _spec(tmp_path)
     work = tmp_path / "run"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "distill.launch",
-        "--spec",
-        str(spec),
-        "--work",
-        str(work),
-    ]
     out = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1]
+        cpu_command(spec, work, 2),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parents[1],
     )
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [json.loads((work / f"rank-{i}.json").read_text()) for i in range(2)]

@@ -190,7 +190,7 @@ def integrity(studio: Any) -> str:
 TEACHER_TRAIN = dict(
     rank=4, alpha=4.0, steps=60, batch=2, checkpoint_every=5, sample_every=0, keep_checkpoints=2
 )
-DISTILL_STEPS = 6
+DISTILL_STEPS = 12  # long enough that a kill lands inside the run on a fast machine
 
 
 def fault_studio(root: Path) -> Any:
@@ -207,7 +207,8 @@ def fault_studio(root: Path) -> Any:
 def distill_overrides() -> dict[str, Any]:
     from test_distill_service import FAST
 
-    return {**FAST, "steps": DISTILL_STEPS, "checkpoint_every": 2}
+    # two micro-batches: steps slow enough to be caught mid-run (the tiny preset takes one)
+    return {**FAST, "steps": DISTILL_STEPS, "checkpoint_every": 2, "micro_batches": 2}
 
 
 def _row(studio: Any, run_id: int) -> Any:

@@ -6,6 +6,9 @@ in varied phrasings, never the bench's effects. 10% of instructions are dropped 
 also learns the unconditional velocity that true CFG needs. An EMA of the weights is what ships.
 
     python -m distill.backbones.pretrain_tiny --minutes 60 --out distill/backbones/weights/tiny
+
+``--init DIR`` continues from a saved checkpoint (fresh optimizer and warmup), e.g. to teach the
+shipped editor new general edits without paying again for what it already knows.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,13 +98,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pool", type=int, default=PretrainConfig.pool)
     ap.add_argument("--seed", type=int, default=PretrainConfig.seed)
     ap.add_argument("--eval-n", type=int, default=PretrainConfig.eval_n)
+    ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint folder")
     args = ap.parse_args(argv)
     cfg = PretrainConfig(
         minutes=args.minutes, steps=args.steps, pool=args.pool, seed=args.seed, eval_n=args.eval_n
     )
     tiny = TinyConfig()
     torch.manual_seed(cfg.seed)
-    editor = TinyEditor.random(tiny, seed=cfg.seed)
+    parent: dict | None = None
+    if args.init is not None:
+        editor = TinyEditor.from_pretrained(args.init)
+        tiny = editor.config
+        for p in list(editor.transformer.parameters()) + list(editor.text_encoder.parameters()):
+            p.requires_grad_(True)
+        editor.transformer.train()  # as a fresh random model is (from_pretrained returns eval mode)
+        editor.text_encoder.train()
+        recipe_file = args.init / "recipe.json"
+        parent = json.loads(recipe_file.read_text()) if recipe_file.exists() else {"path": str(args.init)}
+        start = evaluate(editor, cfg)
+        tqdm.write(json.dumps({"init": str(args.init), **start}))
+    else:
+        editor = TinyEditor.random(tiny, seed=cfg.seed)
     src, tgt, instr, _ = make_pool(cfg.pool, cfg.seed, cfg.render_size, tiny.image_size)
     params = list(editor.transformer.parameters()) + list(editor.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -154,8 +172,11 @@ def main(argv: list[str] | None = None) -> None:
                     **quality,
                 },
                 "history": history,
-                "command": "python -m distill.backbones.pretrain_tiny " + " ".join(argv or []),
+                "command": "python -m distill.backbones.pretrain_tiny "
+                + " ".join(sys.argv[1:] if argv is None else argv),
             }
+            if parent is not None:  # continued training: keep the parent's recipe and where we began
+                recipe["init"] = {"path": str(args.init), "quality_psnr_db": start, "recipe": parent}
             save(ema_editor, args.out, recipe)
         if done:
             break

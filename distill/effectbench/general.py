@@ -1,7 +1,7 @@
 """General-domain edits with varied instructions.
 
 These pretrain the tiny backbone as a general instruction editor and feed the general stream of
-PDSR. They are deliberately plain edits (identity, flips, rotations, tone, blur, crops) and are kept
+PDSR. They are deliberately plain edits (identity, flips, rotations, shifts, tone, blur, crops) and are kept
 apart from the bench's effects (``effects.py``), which the base model must NOT know beforehand.
 """
 
@@ -34,6 +34,26 @@ def _zoom(x: Array) -> Array:
 
 def _shift(x: Array, dx: int) -> Array:
     return np.roll(x, dx, axis=1)
+
+
+def _zoom_corner(x: Array) -> Array:
+    h, w = x.shape[:2]
+    return from_pil(to_pil(x).crop((0, 0, w // 2, h // 2)).resize((w, h), Image.Resampling.BICUBIC))
+
+
+def _rotate(x: Array, degrees: float) -> Array:
+    return from_pil(to_pil(x).rotate(degrees, Image.Resampling.BICUBIC, fillcolor=(0, 0, 0)))
+
+
+def _sharpen(x: Array) -> Array:
+    return from_pil(
+        to_pil(x).filter(ImageFilter.UnsharpMask(radius=x.shape[0] / 32, percent=200, threshold=0))
+    )
+
+
+def _saturate(x: Array) -> Array:
+    grey = _luma(x)[..., None]
+    return np.clip(grey + (x - grey) * 1.8, 0, 1)
 
 
 @dataclass(frozen=True)
@@ -117,6 +137,45 @@ GENERAL_EDITS: tuple[GeneralEdit, ...] = (
         "swap_red_blue",
         lambda x: x[..., ::-1].copy(),
         ("Swap the red and blue channels.", "Exchange red and blue colours."),
+    ),
+    # Session 6: more ways of moving pixels and of changing tone, so that the pretrained editor
+    # already knows how to rearrange and re-quantise an image (what the geometric and stylised
+    # effects' LoRAs build on) without knowing any bench effect.
+    GeneralEdit(
+        "rotate_270",
+        lambda x: np.rot90(x, -1).copy(),
+        ("Rotate the image 90 degrees clockwise.", "Turn the picture a quarter turn to the right."),
+    ),
+    GeneralEdit(
+        "transpose",
+        lambda x: x.transpose(1, 0, 2).copy(),
+        ("Transpose the image, swapping rows and columns.", "Reflect the picture across its diagonal."),
+    ),
+    GeneralEdit(
+        "shift_down",
+        lambda x: np.roll(x, x.shape[0] // 4, axis=0),
+        ("Shift the image down, wrapping around.", "Move everything a quarter of the way down."),
+    ),
+    GeneralEdit(
+        "zoom_top_left",
+        _zoom_corner,
+        ("Zoom in on the top-left corner.", "Crop the upper left quarter and enlarge it."),
+    ),
+    GeneralEdit(
+        "rotate_small",
+        lambda x: _rotate(x, 20.0),
+        ("Rotate the image slightly counterclockwise.", "Tilt the picture by 20 degrees to the left."),
+    ),
+    GeneralEdit(
+        "threshold",
+        lambda x: np.repeat((_luma(x) > 0.5).astype(np.float32)[..., None], 3, axis=2),
+        ("Threshold the image to pure black and white.", "Make it two-tone black and white, no greys."),
+    ),
+    GeneralEdit("sharpen", _sharpen, ("Sharpen the image.", "Make the picture crisper.")),
+    GeneralEdit(
+        "saturate",
+        _saturate,
+        ("Make the colours more vivid.", "Increase the saturation.", "Boost the colours."),
     ),
 )
 

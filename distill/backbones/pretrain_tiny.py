@@ -109,8 +109,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.init is not None:
         editor = TinyEditor.from_pretrained(args.init)
         tiny = editor.config
-        for p in list(editor.transformer.parameters()) + list(editor.text_encoder.parameters()):
-            p.requires_grad_(True)
         editor.transformer.train()  # as a fresh random model is (from_pretrained returns eval mode)
         editor.text_encoder.train()
         recipe_file = args.init / "recipe.json"
@@ -121,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         editor = TinyEditor.random(tiny, seed=cfg.seed)
     src, tgt, instr, _ = make_pool(cfg.pool, cfg.seed, cfg.render_size, tiny.image_size)
     params = list(editor.transformer.parameters()) + list(editor.text_encoder.parameters())
+    for p in params:  # from_pretrained hands back a frozen editor
+        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema_editor = copy.deepcopy(editor)
     ema_params = list(ema_editor.transformer.parameters()) + list(ema_editor.text_encoder.parameters())

@@ -46,6 +46,14 @@ class DistillConfig:
     tau_max: float = 750.0  # generator upper bound: t_gen < tau_max
     tau_min: float = 500.0  # critic lower bound: t_critic > tau_min
     ta_fm_weight: float = 1.0
+    # C2F-DO's coarse stage made explicit: this many generator steps of TA-FM alone on effect-stream
+    # draws (no critic, rollouts or scores) run before the ``steps`` of the full objective. TA-FM is
+    # the early-stage anchor across the teacher-student gap (§4.4); where a full step costs ~40
+    # forward-equivalents against a TA-FM step's 3 (the tiny backbone on CPU), spending the coarse
+    # part of the run on it alone buys many more anchor updates per minute. 0: the paper's eq. 8 from
+    # the first step. The lr schedule, cache refreshes and checkpoint cadence count the full steps.
+    # Without TA-FM (Table 3's ablations) or without an effect stream (Lightning) there is no stage.
+    coarse_steps: int = 0
     # which effect an effect-stream draw trains: "uniform", or "loss": half the draws uniform, half in
     # proportion to each effect's running TA-FM loss, to give unlearned effects more of the run
     # (no gain measured at 3 effects: results/recipe_tiny.md, session 4)
@@ -102,12 +110,30 @@ class DistillConfig:
             raise ValueError("ta_fm_timesteps must be 'logit_normal', 'uniform' or 'student'")
         if self.ta_fm_batch is not None and self.ta_fm_batch < 1:
             raise ValueError("ta_fm_batch must be >= 1 (or unset: the batch)")
+        if self.coarse_steps < 0:
+            raise ValueError("coarse_steps must be >= 0")
         if not (self.ta_fm or self.target_simulation or self.backward_simulation):
             raise ValueError("at least one of ta_fm, target_simulation, backward_simulation must be on")
 
+    @property
+    def coarse(self) -> int:
+        """The coarse stage's steps in effect: none without TA-FM or without an effect stream."""
+        has_effects = self.p_switch > 0 or not self.pdsr
+        return self.coarse_steps if self.ta_fm and has_effects else 0
+
+    @property
+    def total_steps(self) -> int:
+        """Generator steps of the whole run: the coarse stage's, then the full objective's."""
+        return self.coarse + self.steps
+
+    def is_coarse(self, step: int) -> bool:
+        return step < self.coarse
+
     def lr_factor(self, step: int) -> float:
-        """The lr multiplier at generator step ``step`` (0-based), from the step alone (resume-safe)."""
-        if self.lr_schedule == "constant":
+        """The lr multiplier at generator step ``step`` (0-based, counted over the whole run, coarse
+        stage first), from the step alone (resume-safe). The coarse stage runs at the full lr."""
+        step -= self.coarse
+        if self.lr_schedule == "constant" or step < 0:
             return 1.0
         cos = 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / self.steps))
         return self.lr_min_ratio + (1.0 - self.lr_min_ratio) * cos

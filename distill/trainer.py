@@ -47,6 +47,10 @@ from .simulation import backward_simulation, exit_step_x0, rollout, target_simul
 from .targets import EffectSpec, TargetCache
 
 STUDENT, FAKE = "student", "fake"
+# a coarse-stage step (one student forward and backward) against a full one (rollouts, real and fake
+# scores, five critic updates): about 1 : 10 measured on the tiny backbone; checkpoint and preview
+# cadences, written in full steps, count coarse steps at this rate
+COARSE_COST = 10
 
 
 @dataclass
@@ -390,14 +394,9 @@ class CollectionDistiller:
                     y_fm = torch.cat([y, y2.to(y.device, y.dtype)])
                     student = self._velocity([STUDENT], Condition.cat([batch["c_fake"], c2]))
                     owners += picks
-                s = self._ta_fm_levels(len(y_fm))
-                eps = self._randn(y_fm)
-                v = student(add_noise(y_fm, eps, s), s)
-                l_fm = flow_matching_loss(v, y_fm, eps)
+                l_fm = self._ta_fm_loss(student, y_fm, owners)
                 loss = loss + cfg.ta_fm_weight * l_fm
                 m["ta_fm"] = l_fm.item()
-                if cfg.effect_sampling == "loss":
-                    self._record_effect_losses(owners, v.detach(), y_fm, eps)
             if cfg.target_simulation:  # eq. 7: s_gen < tau_max, s_critic > tau_min
                 s_gen = self._uniform(cfg.s_min, cfg.s_gen_max, b)
                 y_hat = target_simulation(batch["student"], y, s_gen, self._randn(y))
@@ -416,10 +415,41 @@ class CollectionDistiller:
             m["dmd_bs_general"], m["bs_gap"] = loss.item(), st["real_fake_gap"]
         return loss, m
 
-    def _anchor_targets(self, i: int, n: int) -> tuple[list[int], torch.Tensor, Condition]:
-        """``n`` extra TA-FM targets: of effect ``i``, or (ta_fm_extra "any") each of a drawn effect;
-        returns each target's effect, the targets and the student's conditions."""
-        picks = [i] * n if self.cfg.ta_fm_extra == "same" else sorted(self._pick_effect() for _ in range(n))
+    def _ta_fm_loss(self, student: VelocityFn, y: torch.Tensor, owners: list[int]) -> torch.Tensor:
+        """Eq. 6 on cached teacher targets ``y`` (``owners``: each target's effect)."""
+        s = self._ta_fm_levels(len(y))
+        eps = self._randn(y)
+        v = student(add_noise(y, eps, s), s)
+        if self.cfg.effect_sampling == "loss":
+            self._record_effect_losses(owners, v.detach(), y, eps)
+        return flow_matching_loss(v, y, eps)
+
+    def coarse_step(self) -> dict[str, float]:
+        """One student update of the coarse stage (``coarse_steps``): TA-FM alone, each micro-batch
+        ``ta_fm_batch`` cached teacher targets of effects drawn as the effect stream draws them. No
+        critic update precedes it: nothing reads the fake score until the full objective starts."""
+        cfg = self.cfg
+        self.opt_g.zero_grad(set_to_none=True)
+        losses = []
+        for _ in range(cfg.micro_batches):
+            picks, y, cond = self._anchor_targets(-1, cfg.ta_fm_batch or cfg.batch, mixed=True)
+            y = y.to(self.bb.device, self.bb.dtype)
+            loss = cfg.ta_fm_weight * self._ta_fm_loss(self._velocity([STUDENT], cond), y, picks)
+            (loss / cfg.micro_batches).backward()
+            losses.append(loss.item())
+        self._sync(self.student_params)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student_params, cfg.grad_clip))
+        self.opt_g.step()
+        self._update_ema()
+        return {"ta_fm": sum(losses) / len(losses), "grad_norm": grad_norm, "coarse": 1.0}
+
+    def _anchor_targets(
+        self, i: int, n: int, mixed: bool = False
+    ) -> tuple[list[int], torch.Tensor, Condition]:
+        """``n`` extra TA-FM targets: of effect ``i``, or (ta_fm_extra "any", or ``mixed``) each of a
+        drawn effect; returns each target's effect, the targets and the student's conditions."""
+        mixed = mixed or self.cfg.ta_fm_extra == "any"
+        picks = sorted(self._pick_effect() for _ in range(n)) if mixed else [i] * n
         srcs, ys = [], []
         for j in sorted(set(picks)):
             src, y = self.cache.sample(j, picks.count(j), self.gen)
@@ -474,27 +504,30 @@ class CollectionDistiller:
         self.cache.build()
         metrics: dict[str, float] = {}
         stopped = False
-        while self.step < cfg.steps:
+        total = cfg.total_steps
+        while self.step < total:
             if self._any_rank(self.reporter.should_stop()):
                 stopped = True
                 break
             self._set_lr()  # before the critic updates too: they belong to this step
-            pools = self.critic_pools()
-            critic = [self.critic_step(pools) for _ in range(cfg.critic_updates)]
-            metrics = self.generator_step()
-            metrics["critic"] = sum(critic) / len(critic)
+            if cfg.is_coarse(self.step):
+                metrics = self.coarse_step()
+            else:
+                pools = self.critic_pools()
+                critic = [self.critic_step(pools) for _ in range(cfg.critic_updates)]
+                metrics = self.generator_step()
+                metrics["critic"] = sum(critic) / len(critic)
             self.step += 1
-            if (
-                cfg.target_refresh_every
-                and self.step % cfg.target_refresh_every == 0
-                and self.step < cfg.steps
-            ):
-                self.cache.refresh(cfg.target_refresh_fraction, self.gen)
+            # cadences count full steps; a coarse step, ~a tenth of one, counts as that
+            done = self.step - cfg.coarse if self.step > cfg.coarse else self.step / COARSE_COST
+            if cfg.target_refresh_every and self.step > cfg.coarse and self.step < total:
+                if done % cfg.target_refresh_every == 0:
+                    self.cache.refresh(cfg.target_refresh_fraction, self.gen)
             if self.is_main:
-                self.reporter.progress(self.step, cfg.steps, metrics)
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self.reporter.progress(self.step, total, metrics)
+                if cfg.sample_every and done % cfg.sample_every == 0:
                     self.reporter.samples(self.step, self.sample_grid())
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                if done % cfg.checkpoint_every == 0 or self.step in (total, cfg.coarse):
                     self.reporter.checkpoint(self.step, self.save(ckpt_dir / f"step-{self.step:06d}"))
         if stopped and self.is_main:
             self.reporter.checkpoint(self.step, self.save(ckpt_dir / f"step-{self.step:06d}"))

@@ -399,3 +399,54 @@ def test_cosine_lr_and_the_ema_student(tmp_path: Path, monkeypatch: pytest.Monke
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="lr_schedule"):
         _config(lr_schedule="linear")
+
+
+def test_coarse_stage_trains_the_anchor_alone_then_the_full_objective(tmp_path: Path) -> None:
+    """``coarse_steps`` TA-FM-only updates (no critic work, the fake score untouched, targets of
+    several effects per batch), then ``steps`` of the full objective on their own lr schedule."""
+    cfg = _config(coarse_steps=3, steps=2, p_switch=1.0, critic_updates=2, lr_schedule="cosine")
+    assert cfg.total_steps == 5 and cfg.lr_factor(2) == 1.0 and cfg.lr_factor(3) == 1.0
+    assert cfg.lr_factor(4) < 1.0
+    rec = Recorder()
+    d = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path, rec)
+    fake0 = [p.detach().clone() for p in d.fake_params]
+    counts = {"f": 0}
+    f_step = d.opt_f.step
+    d.opt_f.step = lambda *a, **k: (counts.__setitem__("f", counts["f"] + 1), f_step(*a, **k))[1]
+    anchored: list[list[int]] = []
+    anchor = d._anchor_targets
+    d._anchor_targets = lambda i, n, mixed=False: (lambda r: anchored.append(r[0]) or r)(anchor(i, n, mixed))
+    student0 = [p.detach().clone() for p in d.student_params]
+    d.train()
+    coarse, full = rec.metrics[:3], rec.metrics[3:]
+    assert all(m["coarse"] == 1.0 and "dmd_ts" not in m and "dmd_bs" not in m for m in coarse)
+    assert all("coarse" not in m and {"ta_fm", "dmd_ts", "dmd_bs", "critic"} <= set(m) for m in full)
+    assert counts["f"] == 2 * 2  # critic updates only before the full steps
+    assert len(anchored) >= 3 and any(len(set(p)) > 1 for p in anchored[:3])  # effects mixed per batch
+    assert any(not torch.equal(a, b) for a, b in zip(student0, d.student_params, strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(fake0, d.fake_params, strict=True))
+    assert rec.step == 5 and 3 in rec.checkpoints and 5 in rec.checkpoints
+
+
+def test_no_coarse_stage_without_ta_fm_or_an_effect_stream() -> None:
+    assert _config(coarse_steps=5, ta_fm=False).total_steps == 4
+    assert _config(coarse_steps=5, p_switch=0.0).total_steps == 4  # Lightning: the general stream alone
+    assert _config(coarse_steps=5).total_steps == 9
+    with pytest.raises(ValueError, match="coarse_steps"):
+        _config(coarse_steps=-1)
+
+
+def test_a_run_stopped_in_the_coarse_stage_resumes_into_the_same_trajectory(tmp_path: Path) -> None:
+    cfg = dict(coarse_steps=3, steps=2)
+    full = CollectionDistiller(_backbone(), *_data(), _config(**cfg), tmp_path / "a")
+    full.train()
+    want = {k: v.clone() for k, v in adapter_params(full.tr, "student").items()}
+    rec = Recorder(stop_at=2)
+    res = CollectionDistiller(_backbone(), *_data(), _config(**cfg), tmp_path / "b", rec).train()
+    assert res.stopped and res.steps == 2
+    second = CollectionDistiller(_backbone(), *_data(), _config(**cfg), tmp_path / "b")
+    res = second.train()
+    assert res.steps == 5 and not res.stopped
+    got = adapter_params(second.tr, "student")
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6)

@@ -375,6 +375,12 @@ def main() -> None:
     ap.add_argument("--test-per-category", type=int, default=10)
     ap.add_argument("--teacher-steps", type=int, default=None)
     ap.add_argument("--distill-steps", type=int, default=None)
+    ap.add_argument(
+        "--coarse-ratio",
+        type=float,
+        default=None,
+        help="Ours' coarse stage (TA-FM alone), in steps per full step; default: the preset's",
+    )
     ap.add_argument("--lightning-steps", type=int, default=None)
     ap.add_argument("--fm-steps", type=int, default=None)
     ap.add_argument(
@@ -438,6 +444,8 @@ def main() -> None:
     secs = train_teachers(s, names, args.teacher_steps)
     prompts = student_prompts(s, names)
     dcfg = dict(steps=args.distill_steps) if args.distill_steps else {}
+    if args.coarse_ratio is not None:
+        dcfg["coarse_ratio"] = args.coarse_ratio
     if args.distill_lr:
         dcfg.update(lr_student=args.distill_lr, lr_fake=args.distill_lr)
     if q:
@@ -556,14 +564,10 @@ def main() -> None:
         train_teachers(s, new, args.teacher_steps)
         prompts.update(student_prompts(s, names + new))
         ext_specs = effect_specs(s, names + new, prompts, new=set(new))
+        # the paper's extension: a short run, a fifth of Ours' steps (coarse stage in proportion)
         ext_steps = max(2, (args.distill_steps or DistillConfig.for_backbone("tiny").steps) // 5)
-        distill_adapter(
-            s,
-            "ours_ext",
-            ext_specs,
-            DistillConfig.for_backbone("tiny", **{**dcfg, "steps": ext_steps}),
-            init="ours",
-        )
+        ext_cfg = DistillConfig.for_backbone("tiny", **{**dcfg, "steps": ext_steps})
+        distill_adapter(s, "ours_ext", ext_specs, ext_cfg, init="ours")
         all_entries = entries + [
             EffectEntry(
                 n, next(e.teacher_prompt for e in EFFECTS if e.name == n), prompts[n], teacher_name(n)
@@ -577,7 +581,10 @@ def main() -> None:
             ),
             evaluate_system(
                 s.bb,
-                student_system(adapter="ours_ext", name=f"Ours extended ({ext_steps} steps)"),
+                student_system(
+                    adapter="ours_ext",
+                    name=f"Ours extended ({ext_cfg.coarse} coarse + {ext_steps} steps)",
+                ),
                 all_entries,
                 scenes,
                 all_truths,

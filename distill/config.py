@@ -46,14 +46,15 @@ class DistillConfig:
     tau_max: float = 750.0  # generator upper bound: t_gen < tau_max
     tau_min: float = 500.0  # critic lower bound: t_critic > tau_min
     ta_fm_weight: float = 1.0
-    # C2F-DO's coarse stage made explicit: this many generator steps of TA-FM alone on effect-stream
-    # draws (no critic, rollouts or scores) run before the ``steps`` of the full objective. TA-FM is
-    # the early-stage anchor across the teacher-student gap (§4.4); where a full step costs ~40
-    # forward-equivalents against a TA-FM step's 3 (the tiny backbone on CPU), spending the coarse
-    # part of the run on it alone buys many more anchor updates per minute. 0: the paper's eq. 8 from
-    # the first step. The lr schedule, cache refreshes and checkpoint cadence count the full steps.
-    # Without TA-FM (Table 3's ablations) or without an effect stream (Lightning) there is no stage.
-    coarse_steps: int = 0
+    # C2F-DO's coarse stage made explicit: coarse_ratio x ``steps`` generator steps of TA-FM alone on
+    # effect-stream draws (no critic, rollouts or scores) run before the ``steps`` of the full
+    # objective. TA-FM is the early-stage anchor across the teacher-student gap (§4.4); where a full
+    # step costs ~40 forward-equivalents against a TA-FM step's 3 (the tiny backbone on CPU), spending
+    # the coarse part of the run on it alone buys many more anchor updates per minute. 0: the paper's
+    # eq. 8 from the first step. A ratio, so one ``steps`` sizes a run (and an extension) whole. The lr
+    # schedule, cache refreshes and checkpoint cadence count the full steps. Without TA-FM (Table 3's
+    # ablations) or without an effect stream (Lightning) there is no coarse stage.
+    coarse_ratio: float = 0.0
     # which effect an effect-stream draw trains: "uniform", or "loss": half the draws uniform, half in
     # proportion to each effect's running TA-FM loss, to give unlearned effects more of the run
     # (no gain measured at 3 effects: results/recipe_tiny.md, session 4)
@@ -110,8 +111,8 @@ class DistillConfig:
             raise ValueError("ta_fm_timesteps must be 'logit_normal', 'uniform' or 'student'")
         if self.ta_fm_batch is not None and self.ta_fm_batch < 1:
             raise ValueError("ta_fm_batch must be >= 1 (or unset: the batch)")
-        if self.coarse_steps < 0:
-            raise ValueError("coarse_steps must be >= 0")
+        if self.coarse_ratio < 0:
+            raise ValueError("coarse_ratio must be >= 0")
         if not (self.ta_fm or self.target_simulation or self.backward_simulation):
             raise ValueError("at least one of ta_fm, target_simulation, backward_simulation must be on")
 
@@ -119,7 +120,7 @@ class DistillConfig:
     def coarse(self) -> int:
         """The coarse stage's steps in effect: none without TA-FM or without an effect stream."""
         has_effects = self.p_switch > 0 or not self.pdsr
-        return self.coarse_steps if self.ta_fm and has_effects else 0
+        return round(self.coarse_ratio * self.steps) if self.ta_fm and has_effects else 0
 
     @property
     def total_steps(self) -> int:

@@ -425,7 +425,7 @@ class CollectionDistiller:
         return flow_matching_loss(v, y, eps)
 
     def coarse_step(self) -> dict[str, float]:
-        """One student update of the coarse stage (``coarse_steps``): TA-FM alone, each micro-batch
+        """One student update of the coarse stage (``coarse_ratio`` x ``steps`` of them): TA-FM alone, each micro-batch
         ``ta_fm_batch`` cached teacher targets of effects drawn as the effect stream draws them. No
         critic update precedes it: nothing reads the fake score until the full objective starts."""
         cfg = self.cfg

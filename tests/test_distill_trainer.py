@@ -402,9 +402,9 @@ def test_cosine_lr_and_the_ema_student(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_coarse_stage_trains_the_anchor_alone_then_the_full_objective(tmp_path: Path) -> None:
-    """``coarse_steps`` TA-FM-only updates (no critic work, the fake score untouched, targets of
+    """``coarse_ratio`` x ``steps`` TA-FM-only updates (no critic work, the fake score untouched, targets of
     several effects per batch), then ``steps`` of the full objective on their own lr schedule."""
-    cfg = _config(coarse_steps=3, steps=2, p_switch=1.0, critic_updates=2, lr_schedule="cosine")
+    cfg = _config(coarse_ratio=1.5, steps=2, p_switch=1.0, critic_updates=2, lr_schedule="cosine")
     assert cfg.total_steps == 5 and cfg.lr_factor(2) == 1.0 and cfg.lr_factor(3) == 1.0
     assert cfg.lr_factor(4) < 1.0
     rec = Recorder()
@@ -429,15 +429,16 @@ def test_coarse_stage_trains_the_anchor_alone_then_the_full_objective(tmp_path: 
 
 
 def test_no_coarse_stage_without_ta_fm_or_an_effect_stream() -> None:
-    assert _config(coarse_steps=5, ta_fm=False).total_steps == 4
-    assert _config(coarse_steps=5, p_switch=0.0).total_steps == 4  # Lightning: the general stream alone
-    assert _config(coarse_steps=5).total_steps == 9
-    with pytest.raises(ValueError, match="coarse_steps"):
-        _config(coarse_steps=-1)
+    assert _config(coarse_ratio=2.0, ta_fm=False).total_steps == 4
+    assert _config(coarse_ratio=2.0, p_switch=0.0).total_steps == 4  # Lightning: the general stream alone
+    assert _config(coarse_ratio=2.0).total_steps == 12
+    assert _config(coarse_ratio=0.5, steps=10).total_steps == 15
+    with pytest.raises(ValueError, match="coarse_ratio"):
+        _config(coarse_ratio=-1)
 
 
 def test_a_run_stopped_in_the_coarse_stage_resumes_into_the_same_trajectory(tmp_path: Path) -> None:
-    cfg = dict(coarse_steps=3, steps=2)
+    cfg = dict(coarse_ratio=1.5, steps=2)
     full = CollectionDistiller(_backbone(), *_data(), _config(**cfg), tmp_path / "a")
     full.train()
     want = {k: v.clone() for k, v in adapter_params(full.tr, "student").items()}

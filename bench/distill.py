@@ -9,6 +9,7 @@ its own:
   timed through its own ``train()`` loop (a reporter notes the time and memory at each step): one step =
   ``critic_updates`` (5) fake-critic updates + 1 generator update. The teacher target cache is built
   before timing (2-step targets here; the real cost is the teachers' 40-step CFG sampling).
+- ``coarse``: the same distiller's coarse-stage steps (``coarse_ratio``: TA-FM alone, no critic work).
 - ``lora``: one plain LoRA training step (eq. 2, the student's rank, the same batch) on the same base.
 
 Memory. CPU: the resident set's high-water mark (Linux ``VmHWM``, reset through
@@ -156,6 +157,7 @@ def _config(args: argparse.Namespace) -> DistillConfig:
         target_refresh_every=0,
         checkpoint_every=10**6,
         sample_every=0,
+        coarse_ratio=0.0,  # the full objective's steps; measure_distill(coarse=True) times the others
     )
 
 
@@ -229,24 +231,31 @@ class StepClock(NullReporter):
     with the memory peak reset after the warm-up (the final checkpoint is written after the last
     ``progress`` call, so it is not counted)."""
 
-    def __init__(self, cuda: bool):
+    def __init__(self, cuda: bool, last: int | None = None):
         self.cuda = cuda
         self.peak = Peak(cuda)
         self.t0 = 0.0
         self.seconds = 0.0
         self.memory = (0, 0)
+        self.last = last  # stop the run after this step (default: its last)
+        self.done = False
 
     def progress(self, step: int, total: int, metrics: dict[str, float]) -> None:
         _sync(self.cuda)
         if step == 1:
             self.peak.start()
             self.t0 = time.perf_counter()
-        elif step == total:
+        elif step == (self.last or total):
             self.seconds = time.perf_counter() - self.t0
             self.memory = self.peak.stop()
+            self.done = True
+
+    def should_stop(self) -> bool:
+        return self.done
 
 
-def measure_distill(args: argparse.Namespace) -> dict[str, Any]:
+def measure_distill(args: argparse.Namespace, coarse: bool = False) -> dict[str, Any]:
+    """Full generator steps, or (``coarse``) the coarse stage's TA-FM-only steps."""
     bb, label = _backbone(args)
     cfg = _config(args)
     torch.manual_seed(1)
@@ -271,7 +280,9 @@ def measure_distill(args: argparse.Namespace) -> dict[str, Any]:
         _images(args.sources, bb.image_size, 99), ["Keep the image unchanged."] * args.sources
     )
     cfg = replace(cfg, steps=1 + args.iters)  # one warm-up step, then the timed ones
-    clock = StepClock(args.cuda)
+    if coarse:  # as many coarse steps first; the clock stops the run at their end
+        cfg = replace(cfg, coarse_ratio=1.0)
+    clock = StepClock(args.cuda, last=cfg.coarse if coarse else None)
     distiller = CollectionDistiller(bb, effects, general, cfg, Path(args.work_dir), clock)
     t0 = time.perf_counter()
     distiller.cache.build()  # train() finds the cache full and goes straight to the steps
@@ -356,7 +367,7 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
-def report(args: argparse.Namespace, d: dict[str, Any], lo: dict[str, Any]) -> str:
+def report(args: argparse.Namespace, d: dict[str, Any], co: dict[str, Any], lo: dict[str, Any]) -> str:
     device = torch.cuda.get_device_name(0) if args.cuda else f"CPU, {args.threads} torch thread(s)"
     params = d["params"]
     base_bytes = params["base"] * (2 if args.cuda else 4)
@@ -368,6 +379,7 @@ def report(args: argparse.Namespace, d: dict[str, Any], lo: dict[str, Any]) -> s
         "|---|---|",
         f"| generator steps per minute ({d['critic_updates']} critic updates each) | {d['steps_per_min']:.2f} |",
         f"| seconds per generator step (incl. critic updates) | {d['seconds_per_step']:.2f} |",
+        f"| seconds per coarse-stage step (TA-FM alone, no critic work) | {co['seconds_per_step']:.3f} |",
         f"| seconds per plain LoRA training step | {lo['seconds_per_step']:.2f} |",
         f"| peak memory, distillation on one shared base | {_mb(d['peak'])} (+{_mb(d['peak_delta'])} during the steps) |",
         f"| peak memory, one plain LoRA training step | {_mb(lo['peak'])} (+{_mb(lo['peak_delta'])} during the steps) |",
@@ -399,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-len", type=int, default=300, help="--cuda: text tokens (prompt + vision tokens)")
     p.add_argument("--threads", type=int, default=1, help="CPU: torch threads")
     p.add_argument("--work-dir", default=None, help="where the target cache goes (default: a temp folder)")
-    p.add_argument("--measure", choices=("distill", "lora"), help=argparse.SUPPRESS)
+    p.add_argument("--measure", choices=("distill", "coarse", "lora"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
     args.iters = args.iters or (2 if quick else 10)
@@ -411,16 +423,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     if args.measure:
-        fn = measure_distill if args.measure == "distill" else measure_lora
-        print(json.dumps(fn(args)))
+        fns = {
+            "distill": measure_distill,
+            "coarse": lambda a: measure_distill(a, coarse=True),
+            "lora": measure_lora,
+        }
+        print(json.dumps(fns[args.measure](args)))
         return 0
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         args.work_dir = args.work_dir or tmp
         d = _child(args, "distill")
+        co = _child(args, "coarse")
         lo = _child(args, "lora")
-    print(report(args, d, lo))
+    print(report(args, d, co, lo))
     return 0
 
 

@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--names", default="sepia,pastel,glitch")
     ap.add_argument("--test-per-category", type=int, default=4)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench" / "10fx")
+    ap.add_argument(
+        "--resume", type=Path, default=None, help="start from this checkpoint (e.g. a coarse end)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     names = args.names.split(",")
@@ -68,7 +71,9 @@ def main() -> None:
     over = {"checkpoint_every": 10**9, "sample_every": 0, **json.loads(args.set), "steps": args.steps}
     cfg = DistillConfig.for_backbone("tiny", **over)
     work = args.work / "runs" / f"curve_{args.tag}"
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # always from the start, never a resume
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # from the start or --resume, nothing else
+    if args.resume:
+        shutil.copytree(args.resume, work / "checkpoints" / args.resume.name)
 
     class Curve(NullReporter):
         """Scores the student every ``--every`` steps, with the mean losses since the last row."""
@@ -105,7 +110,9 @@ def main() -> None:
         curve,
     )
     d.cache.build()
-    curve.row(0)
+    if args.resume:
+        d.load(args.resume)
+    curve.row(d.step)
     curve.t0 = time.perf_counter()  # training time, after the target cache
     d.train()
 

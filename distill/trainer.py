@@ -443,6 +443,11 @@ class CollectionDistiller:
         self._update_ema()
         return {"ta_fm": sum(losses) / len(losses), "grad_norm": grad_norm, "coarse": 1.0}
 
+    def _fake_from_student(self) -> None:
+        """The critic takes the student's live weights, at the first full step (``coarse_fake_init``)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.fake_params, [p.detach() for p in self.student_params])
+
     def _anchor_targets(
         self, i: int, n: int, mixed: bool = False
     ) -> tuple[list[int], torch.Tensor, Condition]:
@@ -510,6 +515,8 @@ class CollectionDistiller:
                 stopped = True
                 break
             self._set_lr()  # before the critic updates too: they belong to this step
+            if self.step == cfg.coarse > 0 and cfg.coarse_fake_init:
+                self._fake_from_student()
             if cfg.is_coarse(self.step):
                 metrics = self.coarse_step()
             else:

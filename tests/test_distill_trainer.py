@@ -428,6 +428,32 @@ def test_coarse_stage_trains_the_anchor_alone_then_the_full_objective(tmp_path: 
     assert rec.step == 5 and 3 in rec.checkpoints and 5 in rec.checkpoints
 
 
+@pytest.mark.parametrize("fake_init", [True, False])
+def test_the_critic_starts_the_full_objective_as_a_copy_of_the_student(
+    tmp_path: Path, fake_init: bool
+) -> None:
+    cfg = _config(coarse_ratio=1.0, steps=2, critic_updates=1, coarse_fake_init=fake_init)
+    d = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path)
+    seen = []
+    pools = d.critic_pools
+
+    def spy():  # the critic work of each full step, with the weights it starts from
+        seen.append(
+            [(f.detach().clone(), s.detach().clone()) for f, s in zip(d.fake_params, d.student_params)]
+        )
+        return pools()
+
+    d.critic_pools = spy
+    d.train()
+    assert len(seen) == 2  # none in the coarse stage
+    first = seen[0]
+    assert all(torch.equal(f, s) for f, s in first) == fake_init
+    assert any(not torch.equal(f, s) for f, s in seen[1])  # then each trains on its own
+    with pytest.raises(ValueError, match="one LoRA shape"):
+        _config(coarse_ratio=1.0, fake_lora={"rank": 4, "alpha": 4.0})
+    _config(coarse_ratio=1.0, coarse_fake_init=False, fake_lora={"rank": 4, "alpha": 4.0})
+
+
 def test_no_coarse_stage_without_ta_fm_or_an_effect_stream() -> None:
     assert _config(coarse_ratio=2.0, ta_fm=False).total_steps == 4
     assert _config(coarse_ratio=2.0, p_switch=0.0).total_steps == 4  # Lightning: the general stream alone

@@ -60,6 +60,9 @@ class DistillConfig:
     # real one; an untouched critic (the base) would drive the first DMD updates with the gap between
     # the base and the teachers, which undid the coarse stage's 25.4 dB (20.9 after 500 full steps)
     coarse_fake_init: bool = True
+    # the student's lr in the coarse stage (None: lr_student); plain regression takes a higher one
+    # than the distribution-matching updates that follow (results/recipe_tiny.md, session 7)
+    coarse_lr: float | None = None
     # which effect an effect-stream draw trains: "uniform", or "loss": half the draws uniform, half in
     # proportion to each effect's running TA-FM loss, to give unlearned effects more of the run
     # (no gain measured at 3 effects: results/recipe_tiny.md, session 4)
@@ -118,6 +121,8 @@ class DistillConfig:
             raise ValueError("ta_fm_batch must be >= 1 (or unset: the batch)")
         if self.coarse_ratio < 0:
             raise ValueError("coarse_ratio must be >= 0")
+        if self.coarse_lr is not None and not 0 < self.coarse_lr < 1:
+            raise ValueError("coarse_lr must be between 0 and 1 (or unset: lr_student)")
         if self.coarse_ratio and self.coarse_fake_init and self.fake_lora != self.student_lora:
             raise ValueError("coarse_fake_init copies the student into the critic: give both one LoRA shape")
         if not (self.ta_fm or self.target_simulation or self.backward_simulation):
@@ -136,6 +141,10 @@ class DistillConfig:
 
     def is_coarse(self, step: int) -> bool:
         return step < self.coarse
+
+    def student_lr_at(self, step: int) -> float:
+        """The student's base lr at ``step`` (before ``lr_factor``): ``coarse_lr`` in the coarse stage."""
+        return self.coarse_lr if self.coarse_lr is not None and self.is_coarse(step) else self.lr_student
 
     def lr_factor(self, step: int) -> float:
         """The lr multiplier at generator step ``step`` (0-based, counted over the whole run, coarse
@@ -182,9 +191,17 @@ class DistillConfig:
             # + cosine lr 23.0, for 9% more time per step (results/recipe_tiny.md). Per minute of
             # training, one micro-batch of 2 beats two (23.9 vs 23.1 dB at equal time: more, cheaper
             # updates; session 5), so the preset takes one.
+            # Session 7 (8 effects): a full step was learning each effect from ~75 anchor updates in 20
+            # min. A coarse stage of TA-FM alone (6 coarse steps per full step, ~0.2 s each against
+            # ~1.1 s) reaches 25.4 dB / BCR 0.11 in 3000 steps (the full objective alone: 22.0 / 0.34
+            # after 1200 steps); at lr 2e-3 the full objective then undid it (20.9 dB, 16.0 with the
+            # critic copied from the student), at 5e-4 it dips and recovers (23.9 -> 24.4 dB at 400
+            # steps of 600, BCR 0.09-0.11; results/recipe_tiny.md).
             base: dict[str, Any] = dict(
-                steps=1000,
-                lr_student=2e-3,
+                steps=500,
+                coarse_ratio=6.0,
+                coarse_lr=2e-3,
+                lr_student=5e-4,
                 lr_fake=2e-3,
                 batch=2,
                 micro_batches=1,

@@ -344,7 +344,7 @@ class CollectionDistiller:
 
     def _set_lr(self) -> None:
         f = self.cfg.lr_factor(self.step)
-        for opt, lr in ((self.opt_g, self.cfg.lr_student), (self.opt_f, self.cfg.lr_fake)):
+        for opt, lr in ((self.opt_g, self.cfg.student_lr_at(self.step)), (self.opt_f, self.cfg.lr_fake)):
             for group in opt.param_groups:
                 group["lr"] = lr * f
 

@@ -55,6 +55,7 @@ def _config(**kw) -> DistillConfig:
         target_refresh_every=3,
         student_steps=4,
         seed=3,
+        coarse_ratio=0.0,  # the full objective from the first step unless a test asks for the stage
     )
     base.update(kw)
     return DistillConfig.for_backbone("tiny", **base)
@@ -404,9 +405,12 @@ def test_cosine_lr_and_the_ema_student(tmp_path: Path, monkeypatch: pytest.Monke
 def test_coarse_stage_trains_the_anchor_alone_then_the_full_objective(tmp_path: Path) -> None:
     """``coarse_ratio`` x ``steps`` TA-FM-only updates (no critic work, the fake score untouched, targets of
     several effects per batch), then ``steps`` of the full objective on their own lr schedule."""
-    cfg = _config(coarse_ratio=1.5, steps=2, p_switch=1.0, critic_updates=2, lr_schedule="cosine")
+    cfg = _config(
+        coarse_ratio=1.5, steps=2, p_switch=1.0, critic_updates=2, lr_schedule="cosine", coarse_lr=0.01
+    )
     assert cfg.total_steps == 5 and cfg.lr_factor(2) == 1.0 and cfg.lr_factor(3) == 1.0
     assert cfg.lr_factor(4) < 1.0
+    assert [cfg.student_lr_at(i) for i in (0, 2, 3)] == [0.01, 0.01, cfg.lr_student]
     rec = Recorder()
     d = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path, rec)
     fake0 = [p.detach().clone() for p in d.fake_params]
@@ -417,7 +421,11 @@ def test_coarse_stage_trains_the_anchor_alone_then_the_full_objective(tmp_path: 
     anchor = d._anchor_targets
     d._anchor_targets = lambda i, n, mixed=False: (lambda r: anchored.append(r[0]) or r)(anchor(i, n, mixed))
     student0 = [p.detach().clone() for p in d.student_params]
+    lrs: list[float] = []
+    g_step = d.opt_g.step
+    d.opt_g.step = lambda *a, **k: lrs.append(d.opt_g.param_groups[0]["lr"]) or g_step(*a, **k)
     d.train()
+    assert lrs[:3] == [0.01] * 3 and lrs[3] == pytest.approx(cfg.lr_student)  # then the full step's lr
     coarse, full = rec.metrics[:3], rec.metrics[3:]
     assert all(m["coarse"] == 1.0 and "dmd_ts" not in m and "dmd_bs" not in m for m in coarse)
     assert all("coarse" not in m and {"ta_fm", "dmd_ts", "dmd_bs", "critic"} <= set(m) for m in full)

@@ -224,7 +224,7 @@ def test_distill_defaults_and_launch_validation(studio: Studio, tmp_path: Path) 
     assert (cfg["steps"], cfg["lr_student"], cfg["lr_fake"], cfg["critic_updates"]) == (
         tiny_steps,
         form.lr,
-        form.lr,
+        DistillConfig.for_backbone("tiny").lr_fake,  # the form sets the student's lr alone
         5,
     )
     second = distill_tab.launch(studio, [A], form)

@@ -73,8 +73,7 @@ class Form:
             "p_switch": _number(self.p_switch, "p_switch"),
             "tau_max": _number(self.tau_max, "tau_max"),
             "tau_min": _number(self.tau_min, "tau_min"),
-            "lr_student": _number(self.lr, "Learning rate"),
-            "lr_fake": _number(self.lr, "Learning rate"),
+            "lr_student": _number(self.lr, "Learning rate"),  # the critic's: the preset's (or extra JSON)
             "critic_updates": _whole(self.critic_updates, "Critic updates per generator step"),
         }
         if not 0 < d["lr_student"] < 1:
@@ -333,7 +332,7 @@ def build(studio: Studio, app: gr.Blocks) -> None:
     with gr.Accordion("Settings", open=True):
         with gr.Row():
             steps_in = gr.Number(value=d.steps, label="Generator steps", precision=0, elem_id="distill-steps")
-            lr_in = gr.Number(value=d.lr, label="Learning rate (student and critic)", elem_id="distill-lr")
+            lr_in = gr.Number(value=d.lr, label="Learning rate (student)", elem_id="distill-lr")
             critic_in = gr.Number(
                 value=d.critic_updates, label="Critic updates per step", precision=0, elem_id="distill-critic"
             )

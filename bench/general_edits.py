@@ -6,6 +6,7 @@ checkpoint, EMA weights) on held-out general edits (flips, rotations, tone, blur
 PSNR to the edit's truth (and to the untouched source).
 
     OMP_NUM_THREADS=1 python bench/general_edits.py s4A s4V     # curve tags under runs/bench/10fx
+    OMP_NUM_THREADS=1 python bench/general_edits.py --checkpoints runs/bench/8fx7/runs/ours/checkpoints/step-*
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("tags", nargs="*", help="bench/student_curve.py run tags")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench" / "10fx")
     ap.add_argument("--n", type=int, default=48, help="held-out general samples")
+    ap.add_argument("--checkpoints", nargs="*", type=Path, default=[], help="distillation checkpoint folders")
     args = ap.parse_args()
     torch.set_num_threads(1)
     bb = TinyEditor.from_pretrained()
@@ -57,13 +59,17 @@ def main() -> None:
     print("| model | PSNR to the edit's truth | PSNR to the source |\n|---|---|---|")
     t, o = score(None)
     print(f"| base | {t:.2f} | {o:.2f} |", flush=True)
+    runs: list[tuple[str, Path]] = []
     for tag in args.tags:
         ckpt = latest_checkpoint(args.work / "runs" / f"curve_{tag}" / "checkpoints")
         if ckpt is None:
             sys.exit(f"no checkpoint for curve run {tag!r} under {args.work}")
+        runs.append((tag, ckpt))
+    runs += [(c.parent.parent.name, c) for c in args.checkpoints]
+    for label, ckpt in runs:
         load_checkpoint_student(bb.transformer, ckpt, STUDENT)
         t, o = score([STUDENT])
-        print(f"| student {tag} ({ckpt.name}) | {t:.2f} | {o:.2f} |", flush=True)
+        print(f"| student {label} ({ckpt.name}) | {t:.2f} | {o:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -47,10 +47,10 @@ from .simulation import backward_simulation, exit_step_x0, rollout, target_simul
 from .targets import EffectSpec, TargetCache
 
 STUDENT, FAKE = "student", "fake"
-# a coarse-stage step (one student forward and backward) against a full one (rollouts, real and fake
-# scores, five critic updates): about 1 : 10 measured on the tiny backbone; checkpoint and preview
-# cadences, written in full steps, count coarse steps at this rate
-COARSE_COST = 10
+# a coarse-stage step (one student forward and backward on ta_fm_batch targets) against a full one
+# (rollouts, real and fake scores, five critic updates): 0.23 s : 1.1 s on the tiny preset, 2 cores;
+# checkpoint and preview cadences, written in full steps, count coarse steps at this rate
+COARSE_COST = 5
 
 
 @dataclass
@@ -519,13 +519,16 @@ class CollectionDistiller:
                 self._fake_from_student()
             if cfg.is_coarse(self.step):
                 metrics = self.coarse_step()
+                # for ETAs: what a remaining step costs against the coarse steps timed so far
+                left = cfg.coarse - self.step - 1
+                metrics["eta_factor"] = (left + COARSE_COST * cfg.steps) / max(1, left + cfg.steps)
             else:
                 pools = self.critic_pools()
                 critic = [self.critic_step(pools) for _ in range(cfg.critic_updates)]
                 metrics = self.generator_step()
                 metrics["critic"] = sum(critic) / len(critic)
             self.step += 1
-            # cadences count full steps; a coarse step, ~a tenth of one, counts as that
+            # cadences count full steps; a coarse step counts as 1 / COARSE_COST of one
             done = self.step - cfg.coarse if self.step > cfg.coarse else self.step / COARSE_COST
             if cfg.target_refresh_every and self.step > cfg.coarse and self.step < total:
                 if done % cfg.target_refresh_every == 0:

@@ -468,6 +468,7 @@ class DbReporter:
         self._rate: deque[tuple[float, int]] = deque(maxlen=50)
         self._step = self._total = 0
         self._dirty = False
+        self._eta_factor = 1.0
         self._last_flush = self._last_poll = -math.inf
         self._stop_seen = False
         with studio.session() as s:
@@ -494,6 +495,9 @@ class DbReporter:
         now = self.clock()
         self._step, self._total = int(step), int(total)
         self._rate.append((now, self._step))
+        # a trainer whose remaining steps cost more than its recent ones says how much (a coarse stage)
+        metrics = dict(metrics)
+        self._eta_factor = float(metrics.pop("eta_factor", 1.0))
         for name, value in metrics.items():
             f = _as_float(value)
             if f is not None:
@@ -512,7 +516,7 @@ class DbReporter:
         (t0, s0), (t1, s1) = self._rate[0], self._rate[-1]
         if t1 <= t0 or s1 <= s0:
             return None
-        return max(0, self._total - s1) * (t1 - t0) / (s1 - s0)
+        return max(0, self._total - s1) * (t1 - t0) / (s1 - s0) * self._eta_factor
 
     def flush(self) -> None:
         """Write the latest state and every buffered metric row."""

@@ -236,6 +236,25 @@ def test_reporter_throttles_writes_but_keeps_every_point(studio: Studio) -> None
     assert (run.step, run.progress) == (200, 1.0) and _losses(studio, rid) == list(range(1, 201))
 
 
+def test_eta_counts_what_the_trainer_says_the_remaining_steps_cost(studio: Studio) -> None:
+    rid = runs.create_run(studio, TOY, _toy(200, "d"))
+    clock = FakeClock()
+    rep = runs.DbReporter(studio, rid, clock=clock)
+    for step in range(1, 101):  # cheap steps (a coarse stage) at 100 steps/s; the rest cost 3x as much
+        clock.t = (step - 1) * 0.01
+        rep.progress(step, 200, {"ta_fm": 0.1, "eta_factor": 3.0})
+    rep.flush()
+    run = run_row(studio, rid)
+    assert run.metrics["eta_s"] == pytest.approx(3.0, abs=0.06) and "eta_factor" not in run.metrics
+    clock.t += 0.01
+    rep.progress(101, 200, {"loss": 1.0})  # a step without the hint: the recent rate alone
+    rep.flush()
+    assert run_row(studio, rid).metrics["eta_s"] == pytest.approx(0.99, abs=0.03)
+    with studio.session() as s:
+        assert "eta_factor" not in set(s.scalars(select(RunMetric.name).where(RunMetric.run_id == rid)))
+    rep.close()
+
+
 def test_reporter_checkpoints_samples_and_stop_requests(studio: Studio) -> None:
     rid = runs.create_run(studio, TOY, _toy(10, "d"))
     rep = runs.DbReporter(studio, rid, poll_interval_s=0.0)

@@ -123,7 +123,11 @@ class DistillConfig:
             raise ValueError("coarse_ratio must be >= 0")
         if self.coarse_lr is not None and not 0 < self.coarse_lr < 1:
             raise ValueError("coarse_lr must be between 0 and 1 (or unset: lr_student)")
-        if self.coarse_ratio and self.coarse_fake_init and self.fake_lora != self.student_lora:
+        if (
+            self.coarse_ratio
+            and self.coarse_fake_init
+            and _shape(self.fake_lora) != _shape(self.student_lora)
+        ):
             raise ValueError("coarse_fake_init copies the student into the critic: give both one LoRA shape")
         if not (self.ta_fm or self.target_simulation or self.backward_simulation):
             raise ValueError("at least one of ta_fm, target_simulation, backward_simulation must be on")
@@ -218,5 +222,27 @@ class DistillConfig:
             )
         else:
             base = {}
-        base.update(overrides)
-        return cls.from_dict(base)
+        return cls.from_dict(merge_overrides(base, overrides))
+
+
+def _shape(spec: LoraSpec) -> tuple[int, float, tuple[str, ...]]:
+    """What must agree for one LoRA's weights to be copied into another."""
+    return spec.rank, float(spec.alpha), tuple(spec.target_modules)
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` settings with ``overrides`` on top: a dict merges into a dict setting
+    ({"student_lora": {"rank": 8}} changes the rank only), and a student LoRA shape given without a
+    critic one is the critic's too (the critic models the student; ``coarse_fake_init`` copies it)."""
+    d = dict(base)
+    for k, v in overrides.items():
+        old = d.get(k)
+        if isinstance(v, dict) and isinstance(old, dict):
+            d[k] = {**old, **v}
+        elif isinstance(v, dict) and isinstance(old, LoraSpec):
+            d[k] = {**asdict(old), **v}
+        else:
+            d[k] = v
+    if "student_lora" in overrides and "fake_lora" not in overrides:
+        d["fake_lora"] = d["student_lora"]
+    return d

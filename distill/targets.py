@@ -56,6 +56,53 @@ def teacher_outputs(
     return torch.cat(outs)
 
 
+def base_outputs(
+    backbone: Backbone,
+    sources: torch.Tensor,
+    prompts: list[str],
+    steps: int,
+    cfg: float,
+    seed: int,
+    batch: int = 16,
+) -> torch.Tensor:
+    """The base model's own ``steps``-step true-CFG edits of ``sources``, each with its prompt (latents):
+    the general stream's targets, the base being that stream's teacher."""
+    outs = []
+    with adapters.using(backbone.transformer, None):
+        for i in range(0, len(sources), batch):
+            src = sources[i : i + batch].to(backbone.device)
+            n = len(src)
+            with torch.no_grad():
+                cond = backbone.encode_prompt(prompts[i : i + n], src)
+                uncond = backbone.encode_prompt([backbone.negative_prompt] * n, src)
+            res = euler_sample(backbone, cond, uncond=uncond, cfg_scale=cfg, steps=steps, seed=seed + i)
+            outs.append(res.latents)
+    return torch.cat(outs)
+
+
+def cached_base_outputs(
+    backbone: Backbone,
+    sources: torch.Tensor,
+    prompts: list[str],
+    steps: int,
+    cfg: float,
+    seed: int,
+    file: Path | None,
+) -> torch.Tensor:
+    """``base_outputs``, read from ``file`` when it holds the same sources, else made (and written)."""
+    if file is not None and file.exists():
+        data = load_file(str(file))
+        if data["sources"].shape == sources.shape and torch.equal(data["sources"], sources):
+            return data["targets"]
+    out = base_outputs(backbone, sources, prompts, steps, cfg, seed)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        save_file({"sources": sources.contiguous(), "targets": out.contiguous()}, str(tmp))
+        tmp.replace(file)
+    return out
+
+
 class TargetCache:
     def __init__(
         self,

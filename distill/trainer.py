@@ -44,7 +44,7 @@ from .images import to_pil
 from .objectives import VelocityFn, critic_loss, dmd_step, flow_matching_loss
 from .sampling import euler_sample, guided_velocity
 from .simulation import backward_simulation, exit_step_x0, rollout, target_simulation
-from .targets import EffectSpec, TargetCache
+from .targets import EffectSpec, TargetCache, cached_base_outputs
 
 STUDENT, FAKE = "student", "fake"
 # a coarse-stage step (one student forward and backward on ta_fm_batch targets) against a full one
@@ -146,6 +146,7 @@ class CollectionDistiller:
         self._new, self._old = new, old
         # running TA-FM loss per effect (effect_sampling "loss"); unseen effects count as the worst seen
         self.effect_loss = torch.full((len(effects),), float("nan"))
+        self._general_targets: torch.Tensor | None = None  # the coarse stage's general anchors
         # the micro-batch draws of the current step's critic pools, which its generator update reuses
         self._draws: list[tuple[str, dict[str, Any]]] | None = None
 
@@ -210,7 +211,7 @@ class CollectionDistiller:
         """Update each anchored effect's running TA-FM loss with the mean over its own samples."""
         per = (v.float() - velocity_target(y, eps).float()).pow(2).flatten(1).mean(1).cpu()
         who = torch.tensor(owners)
-        for j in set(owners):
+        for j in set(owners) - {-1}:  # -1: a general-stream anchor (coarse stage)
             loss, old = float(per[who == j].mean()), float(self.effect_loss[j])
             self.effect_loss[j] = loss if math.isnan(old) else 0.9 * old + 0.1 * loss
 
@@ -425,23 +426,51 @@ class CollectionDistiller:
         return flow_matching_loss(v, y, eps)
 
     def coarse_step(self) -> dict[str, float]:
-        """One student update of the coarse stage (``coarse_ratio`` x ``steps`` of them): TA-FM alone, each micro-batch
-        ``ta_fm_batch`` cached teacher targets of effects drawn as the effect stream draws them. No
-        critic update precedes it: nothing reads the fake score until the full objective starts."""
+        """One student update of the coarse stage (``coarse_ratio`` x ``steps`` of them): TA-FM alone.
+        PDSR routes each micro-batch: the effect stream anchors ``ta_fm_batch`` cached teacher targets
+        of effects drawn as that stream draws them; the general stream anchors as many of the base's
+        own edits of general images (its teacher is the base), which keeps general editing while the
+        effects are learned. No critic update precedes it: nothing reads the fake score until the
+        full objective starts."""
         cfg = self.cfg
         self.opt_g.zero_grad(set_to_none=True)
-        losses = []
+        n = cfg.ta_fm_batch or cfg.batch
+        losses: dict[str, list[float]] = {"ta_fm": [], "ta_fm_general": []}
         for _ in range(cfg.micro_batches):
-            picks, y, cond = self._anchor_targets(-1, cfg.ta_fm_batch or cfg.batch, mixed=True)
+            if self._route() == "effect":
+                picks, y, cond = self._anchor_targets(-1, n, mixed=True)
+                key = "ta_fm"
+            else:
+                picks, y, cond = self._general_anchor_targets(n)
+                key = "ta_fm_general"
             y = y.to(self.bb.device, self.bb.dtype)
             loss = cfg.ta_fm_weight * self._ta_fm_loss(self._velocity([STUDENT], cond), y, picks)
             (loss / cfg.micro_batches).backward()
-            losses.append(loss.item())
+            losses[key].append(loss.item())
         self._sync(self.student_params)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student_params, cfg.grad_clip))
         self.opt_g.step()
         self._update_ema()
-        return {"ta_fm": sum(losses) / len(losses), "grad_norm": grad_norm, "coarse": 1.0}
+        m = {k: sum(v) / len(v) for k, v in losses.items() if v}
+        return {**m, "grad_norm": grad_norm, "coarse": 1.0}
+
+    def _general_anchor_targets(self, n: int) -> tuple[list[int], torch.Tensor, Condition]:
+        """``n`` of the base's cached edits of general images, with the student's conditions (the
+        general instructions: no trigger). Made on first use (one 20-step CFG edit per image)."""
+        if self._general_targets is None:
+            root = self.work_dir / "targets" if self.is_main else None
+            self._general_targets = cached_base_outputs(
+                self.bb,
+                self.general_images,
+                self.general.instructions,
+                self.cfg.target_steps,
+                self.cfg.teacher_cfg,
+                self.cfg.seed + 7919,
+                root / "_general.safetensors" if root else None,
+            )
+        idx = torch.randint(0, len(self.general_images), (n,), generator=self.gen)
+        cond = self._encode([self.general.instructions[j] for j in idx.tolist()], self.general_images[idx])
+        return [-1] * n, self._general_targets[idx], cond
 
     def _fake_from_student(self) -> None:
         """The critic takes the student's live weights, at the first full step (``coarse_fake_init``)."""

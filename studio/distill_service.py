@@ -32,7 +32,7 @@ from distill.backbones import adapters
 from distill.backbones.base import Backbone
 from distill.backbones.registry import load_backbone
 from distill.callbacks import Reporter
-from distill.config import DistillConfig
+from distill.config import DistillConfig, merge_overrides
 from distill.effectbench.general import GENERAL_EDITS, general_images
 from distill.export import (
     FORMATS,
@@ -142,12 +142,15 @@ def plan_effects(studio: Studio, names: list[str]) -> list[EffectPlan]:
 
 def _config(backbone: str, base: dict[str, Any] | None, overrides: dict[str, Any] | None) -> DistillConfig:
     d = dict(base) if base else DistillConfig.for_backbone(backbone).to_dict()
-    for k, v in (overrides or {}).items():  # {"student_lora": {"rank": 8}} changes the rank only
-        d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
     try:
-        return DistillConfig.from_dict(d)
+        return DistillConfig.from_dict(merge_overrides(d, overrides or {}))
     except (TypeError, ValueError) as e:
         raise DistillError(f"Bad distillation settings: {e}") from e
+
+
+def planned_config(studio: Studio, overrides: dict[str, Any] | None = None) -> DistillConfig:
+    """The settings a new run of this studio's backbone gets with ``overrides`` (checked)."""
+    return _config(studio.config.backbone, None, overrides)
 
 
 def _general(backbone: str, images: int, seed: int = 0) -> dict[str, Any]:

@@ -436,6 +436,24 @@ def test_coarse_stage_trains_the_anchor_alone_then_the_full_objective(tmp_path: 
     assert rec.step == 5 and 3 in rec.checkpoints and 5 in rec.checkpoints
 
 
+def test_the_coarse_stage_routes_general_draws_to_the_bases_own_edits(tmp_path: Path) -> None:
+    from distill.targets import base_outputs
+
+    rec = Recorder()
+    cfg = _config(coarse_ratio=2.0, steps=4, p_switch=0.5)
+    effects, general = _data()
+    d = CollectionDistiller(_backbone(), effects, general, cfg, tmp_path, rec)
+    d.train()
+    coarse = [m for m in rec.metrics if m.get("coarse")]
+    assert len(coarse) == 8
+    assert any("ta_fm_general" in m for m in coarse) and any("ta_fm" in m for m in coarse)
+    want = base_outputs(
+        d.bb, d.general_images, general.instructions, cfg.target_steps, cfg.teacher_cfg, 3 + 7919
+    )
+    torch.testing.assert_close(d._general_targets, want)
+    assert (tmp_path / "targets" / "_general.safetensors").exists()
+
+
 @pytest.mark.parametrize("fake_init", [True, False])
 def test_the_critic_starts_the_full_objective_as_a_copy_of_the_student(
     tmp_path: Path, fake_init: bool

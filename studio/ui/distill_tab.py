@@ -248,9 +248,11 @@ def launch(
         run_id = distill_service.start_distillation(
             studio, list(effects), overrides, name=(name or "").strip()
         )
+        coarse = distill_service.planned_config(studio, overrides).coarse
+        first = f" after {coarse} coarse steps (TA-FM alone)" if coarse else ""
         return (
             f"Started run {run_id}: distilling {len(effects)} effect{'s' if len(effects) != 1 else ''} "
-            f"into one LoRA, {overrides['steps']} steps.{_queued_note(studio, run_id)}",
+            f"into one LoRA, {overrides['steps']} steps{first}.{_queued_note(studio, run_id)}",
             run_id,
         )
 

@@ -137,12 +137,12 @@ def test_upload_train_distil_preview_export(flows_server, tmp_path):
             page.locator("#distill-extra textarea").fill(DISTILL_SETTINGS)
             page.locator("#distill-launch").click()
             expect(page.locator("#distill-notice")).to_contain_text(
-                "distilling 1 effect into one LoRA, 2 steps"
+                "distilling 1 effect into one LoRA, 2 steps after 12 coarse steps (TA-FM alone)"
             )
             dprogress = page.locator("#distill-progress")
             expect(dprogress).to_contain_text("Run 2")
             expect(dprogress).to_contain_text("Done", timeout=RUN_TIMEOUT_MS)
-            expect(dprogress).to_contain_text("step 2 / 2")
+            expect(dprogress).to_contain_text("step 14 / 14")  # the tiny preset's coarse stage first
             expect(page.locator("#distill-history")).to_contain_text("succeeded")
             expect(page.locator("#distill-samples img").first).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "flows-distill-done.png"), full_page=True)

@@ -421,6 +421,7 @@ def teacher_kills(root: Path, kills: int = 2, seed: int = 0, tol: float = 1e-4) 
 
 def distill_kills(root: Path, kills: int = 2, seed: int = 1, tol: float = 1e-4) -> Check:
     """Kill -9 a distillation ``kills`` times; the final student equals an uninterrupted one."""
+    from distill.config import DistillConfig
     from distill.export import student_init
     from distill.trainer import STUDENT, adapter_params
     from studio import distill_service, runs
@@ -429,7 +430,9 @@ def distill_kills(root: Path, kills: int = 2, seed: int = 1, tol: float = 1e-4) 
     studio = fault_studio(root)
     t0 = time.perf_counter()
     rid = distill_service.start_distillation(studio, ["warm", "frame"], distill_overrides())
-    kill_and_resume(studio, rid, kills, random.Random(seed), DISTILL_STEPS, check)
+    with studio.session() as s:  # the tiny preset's coarse stage runs first
+        total = DistillConfig.from_dict(runs.job_config(s.get(runs.Run, rid))["distill"]).total_steps
+    kill_and_resume(studio, rid, kills, random.Random(seed), total, check)
     lora = distill_service.student_lora(studio, rid)
     if lora is None:
         check.fail("the run registered no student LoRA")

@@ -452,7 +452,8 @@ class CollectionDistiller:
         self.opt_g.step()
         self._update_ema()
         m = {k: sum(v) / len(v) for k, v in losses.items() if v}
-        return {**m, "grad_norm": grad_norm, "coarse": 1.0}
+        loss = sum(sum(v) for v in losses.values()) / cfg.micro_batches
+        return {"loss": loss, **m, "grad_norm": grad_norm, "coarse": 1.0}
 
     def _general_anchor_targets(self, n: int) -> tuple[list[int], torch.Tensor, Condition]:
         """``n`` of the base's cached edits of general images, with the student's conditions (the

@@ -52,6 +52,7 @@ def _spec(d: Path) -> Path:
             "target_general_sources": 1,
             "checkpoint_every": 1,
             "student_steps": 2,
+            "coarse_ratio": 1.0,  # two coarse steps first: their gradients are averaged too
         },
     }
     (d / "spec.json").write_text(json.dumps(spec))
@@ -73,7 +74,7 @@ def test_two_cpu_processes_average_gradients_and_agree(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [json.loads((work / f"rank-{i}.json").read_text()) for i in range(2)]
-    assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [2, 2]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [4, 4]
     assert ranks[0]["student_sha256"] == ranks[1]["student_sha256"]  # averaged gradients keep ranks identical
     assert (work / "student.safetensors").is_file()
-    assert (work / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+    assert (work / "checkpoints" / "step-000004" / "COMPLETE").is_file()

@@ -117,7 +117,9 @@ def test_checks_list_everything_missing_with_the_fix(studio: Studio, tmp_path: P
 
 
 def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitted, monkeypatch) -> None:
-    run_id = distill_service.start_distillation(studio, ["warm"], {**FAST, "student_lora": {"rank": 4}})
+    run_id = distill_service.start_distillation(
+        studio, ["warm"], {**FAST, "student_lora": {"rank": 4, "alpha": 4.0}}
+    )
     with studio.session() as s:
         run = s.get(runs.Run, run_id)
         config = run.config

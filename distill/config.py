@@ -200,7 +200,9 @@ class DistillConfig:
             # ~1.1 s) reaches 25.4 dB / BCR 0.11 in 3000 steps (the full objective alone: 22.0 / 0.34
             # after 1200 steps); at lr 2e-3 the full objective then undid it (20.9 dB, 16.0 with the
             # critic copied from the student), at 5e-4 it dips and recovers (23.9 -> 24.4 dB at 400
-            # steps of 600, BCR 0.09-0.11; results/recipe_tiny.md).
+            # steps of 600, BCR 0.09-0.11; results/recipe_tiny.md). Routing the coarse stage by PDSR
+            # keeps general edits (24.2 dB vs 19.8 effect-only; base 27.7): 8 effects in 19.5 min, 23.84 dB /
+            # BCR 0.125 (FM+Lightning 24.10 / 0.113; results/table1_8fx8.md).
             base: dict[str, Any] = dict(
                 steps=500,
                 coarse_ratio=6.0,

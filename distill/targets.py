@@ -32,32 +32,9 @@ class EffectSpec:
     new: bool = False  # incremental extension: one of the effects being added
 
 
-def teacher_outputs(
+def cfg_edits(
     backbone: Backbone,
-    effect: EffectSpec,
-    sources: torch.Tensor,
-    steps: int,
-    cfg: float,
-    seed: int,
-    batch: int = 16,
-) -> torch.Tensor:
-    """The teacher's ``steps``-step true-CFG edits of ``sources`` (latents)."""
-    outs = []
-    names = [effect.teacher_adapter] if effect.teacher_adapter else None
-    with adapters.using(backbone.transformer, names):
-        for i in range(0, len(sources), batch):
-            src = sources[i : i + batch].to(backbone.device)
-            n = len(src)
-            with torch.no_grad():
-                cond = backbone.encode_prompt([effect.teacher_prompt] * n, src)
-                uncond = backbone.encode_prompt([backbone.negative_prompt] * n, src)
-            res = euler_sample(backbone, cond, uncond=uncond, cfg_scale=cfg, steps=steps, seed=seed + i)
-            outs.append(res.latents)
-    return torch.cat(outs)
-
-
-def base_outputs(
-    backbone: Backbone,
+    adapter_names: list[str] | None,
     sources: torch.Tensor,
     prompts: list[str],
     steps: int,
@@ -65,10 +42,10 @@ def base_outputs(
     seed: int,
     batch: int = 16,
 ) -> torch.Tensor:
-    """The base model's own ``steps``-step true-CFG edits of ``sources``, each with its prompt (latents):
-    the general stream's targets, the base being that stream's teacher."""
+    """``steps``-step true-CFG edits of ``sources`` (latents), each with its prompt, by the base with
+    ``adapter_names`` active (None: the base alone)."""
     outs = []
-    with adapters.using(backbone.transformer, None):
+    with adapters.using(backbone.transformer, adapter_names):
         for i in range(0, len(sources), batch):
             src = sources[i : i + batch].to(backbone.device)
             n = len(src)
@@ -78,6 +55,22 @@ def base_outputs(
             res = euler_sample(backbone, cond, uncond=uncond, cfg_scale=cfg, steps=steps, seed=seed + i)
             outs.append(res.latents)
     return torch.cat(outs)
+
+
+def teacher_outputs(
+    backbone: Backbone, effect: EffectSpec, sources: torch.Tensor, steps: int, cfg: float, seed: int
+) -> torch.Tensor:
+    """The teacher's ``steps``-step true-CFG edits of ``sources`` (latents)."""
+    names = [effect.teacher_adapter] if effect.teacher_adapter else None
+    return cfg_edits(backbone, names, sources, [effect.teacher_prompt] * len(sources), steps, cfg, seed)
+
+
+def base_outputs(
+    backbone: Backbone, sources: torch.Tensor, prompts: list[str], steps: int, cfg: float, seed: int
+) -> torch.Tensor:
+    """The base model's own edits of ``sources``, each with its prompt: the general stream's targets,
+    the base being that stream's teacher."""
+    return cfg_edits(backbone, None, sources, prompts, steps, cfg, seed)
 
 
 def cached_base_outputs(

@@ -10,6 +10,10 @@ Per step, PDSR draws p ~ U(0, 1):
 - otherwise the general stream: general images and instructions, real score = the base alone;
   loss = DMD with backward simulation only.
 
+An optional coarse stage (``coarse_ratio``) runs first: TA-FM alone on both streams (the general
+stream's anchors are the base's own cached edits), no critic work; the critic then starts as a copy
+of the student.
+
 Runs as one process or under ``accelerate launch`` (each rank draws its own batches; the LoRA
 gradients are averaged by hand because adapters switch per forward, which DDP's fixed-graph hooks
 do not expect). Checkpoints hold student, fake, both optimizers, the RNG and the step, and a resumed
@@ -457,7 +461,7 @@ class CollectionDistiller:
 
     def _general_anchor_targets(self, n: int) -> tuple[list[int], torch.Tensor, Condition]:
         """``n`` of the base's cached edits of general images, with the student's conditions (the
-        general instructions: no trigger). Made on first use (one 20-step CFG edit per image)."""
+        general instructions: no trigger). Made on first use (one ``target_steps`` CFG edit per image)."""
         if self._general_targets is None:
             root = self.work_dir / "targets" if self.is_main else None
             self._general_targets = cached_base_outputs(

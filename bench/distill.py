@@ -283,7 +283,9 @@ def measure_distill(args: argparse.Namespace, coarse: bool = False) -> dict[str,
     if coarse:  # as many coarse steps first; the clock stops the run at their end
         cfg = replace(cfg, coarse_ratio=1.0)
     clock = StepClock(args.cuda, last=cfg.coarse if coarse else None)
-    distiller = CollectionDistiller(bb, effects, general, cfg, Path(args.work_dir), clock)
+    # each measurement its own run folder: a shared one would resume the other's last checkpoint
+    work = Path(args.work_dir) / ("coarse" if coarse else "full")
+    distiller = CollectionDistiller(bb, effects, general, cfg, work, clock)
     t0 = time.perf_counter()
     distiller.cache.build()  # train() finds the cache full and goes straight to the steps
     cache_s = time.perf_counter() - t0

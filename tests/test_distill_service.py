@@ -117,9 +117,9 @@ def test_checks_list_everything_missing_with_the_fix(studio: Studio, tmp_path: P
 
 
 def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitted, monkeypatch) -> None:
-    run_id = distill_service.start_distillation(
-        studio, ["warm"], {**FAST, "student_lora": {"rank": 4, "alpha": 4.0}}
-    )
+    # a shape given for both (the critic starts as a copy of the student); eq. 8 from step 1 here
+    overrides = {**FAST, "student_lora": {"rank": 4}, "fake_lora": {"rank": 4}, "coarse_ratio": 0.0}
+    run_id = distill_service.start_distillation(studio, ["warm"], overrides)
     with studio.session() as s:
         run = s.get(runs.Run, run_id)
         config = run.config

@@ -305,6 +305,14 @@ def table(rows: list[SystemResult], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(rows: list[SystemResult]) -> dict[str, dict[str, float]]:
+    """Each system's overall scores, as the JSON summary keeps them."""
+    return {
+        r.system: {**r.summary.as_dict(), "nfe": r.nfe, "seconds_per_image": r.seconds_per_image}
+        for r in rows
+    }
+
+
 def per_effect_table(rows: list[SystemResult]) -> str:
     names = list(rows[0].per_effect)
     head = "| Effect | " + " | ".join(f"{r.system} PSNR / BCR" for r in rows) + " |"
@@ -516,6 +524,22 @@ def main() -> None:
         per_effect_table(results),
         model_metrics_table(results, entries, scenes, truths),
     ]
+    table_md = s.out / f"table1_{tag}.md"
+
+    def flush(done: bool = False) -> None:
+        tail = [f"Total wall time: {(time.time() - t_start) / 60:.1f} min.\n"] if done else ["(running)\n"]
+        table_md.write_text("\n".join(md + tail))
+
+    flush()
+    summary = {
+        "tag": tag,
+        "effects": names,
+        "command": cmd,
+        "commit": commit,
+        "distill_seconds": ours_sec,
+        "systems": headline(results),
+    }
+    (s.out / f"table1_{tag}.json").write_text(json.dumps(summary, indent=1))  # for bench/scaling.py
 
     ours_entry = {e.name: e for e in entries}
     if len(names) >= 2:
@@ -532,9 +556,11 @@ def main() -> None:
             *comp,
             "",
         ]
+        flush()
 
     if args.curve:
         md.append(learning_curve(s, entries, scenes, truths, args.curve))
+        flush()
 
     if args.ablations:
         abl = []
@@ -558,6 +584,7 @@ def main() -> None:
                 sysm.prompt = lambda e: e.teacher_prompt
             abl.append(evaluate_system(s.bb, sysm, entries, scenes, truths))
         md.append(table(abl, "Table 3 analogue: ablations"))
+        flush()
 
     if args.extend:
         new = [e.name for e in EFFECTS[len(MAIN_BENCH) : len(MAIN_BENCH) + args.extend]]  # the extension set
@@ -591,11 +618,12 @@ def main() -> None:
             ),
         ]
         md.append(table(ext, f"Table 5 analogue: {len(names)} -> {len(names) + len(new)} effects"))
+        summary["extension"] = {"new_effects": new, "systems": headline(ext)}
+        (s.out / f"table1_{tag}.json").write_text(json.dumps(summary, indent=1))
 
-    md.append(f"Total wall time: {(time.time() - t_start) / 60:.1f} min.\n")
-    (s.out / f"table1_{tag}.md").write_text("\n".join(md))
+    flush(done=True)
     save_grid(results, names[: min(6, len(names))], scenes, s.out / f"grid_{tag}.png")
-    print("\n".join(md))
+    print(table_md.read_text())
 
 
 if __name__ == "__main__":

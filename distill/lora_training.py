@@ -67,6 +67,10 @@ class LoraTrainConfig:
     logit_mean: float = 0.0  # for "logit_normal"
     logit_std: float = 1.0
     caption_dropout: float = 0.05  # share of steps trained on the empty prompt (keeps CFG working)
+    # Mirrored copies of every pair (source and target flipped together), as ai-toolkit's flip_x /
+    # flip_y: more views of a small pair set, for effects that look the same in a mirror.
+    flip_x: bool = False
+    flip_y: bool = False
     seed: int = 0
     checkpoint_every: int = 250  # 0: only at the end and on stop
     keep_checkpoints: int = 2
@@ -183,6 +187,24 @@ class EncodedPairs:
         drop = drop or [False] * len(idx)
         cond = Condition.cat([self.unconds[i] if d else self.conds[i] for i, d in zip(idx, drop)])
         return self.targets[list(idx)], cond
+
+
+def mirrored(pairs: Sequence[TrainPair], flip_x: bool, flip_y: bool) -> list[TrainPair]:
+    """The pairs, then their left-right (``flip_x``) and upside-down (``flip_y``) mirror images (both:
+    also the copy flipped both ways), source and target flipped together."""
+    dims = [()]
+    if flip_x:
+        dims.append((-1,))
+    if flip_y:
+        dims += [(-2,)] + ([(-2, -1)] if flip_x else [])
+    out: list[TrainPair] = []
+    for d in dims:
+        for source, target, prompt in pairs:
+            if not d:
+                out.append((source, target, prompt))
+            else:
+                out.append((_as_image(source).flip(d), _as_image(target).flip(d), prompt))
+    return out
 
 
 @torch.no_grad()
@@ -366,7 +388,7 @@ def train_lora(
     reporter = reporter or NullReporter()
     t0 = time.perf_counter()
     transformer = backbone.transformer
-    data = encode_pairs(backbone, pairs, config.resolution)
+    data = encode_pairs(backbone, mirrored(pairs, config.flip_x, config.flip_y), config.resolution)
     spec = prepare_adapter(backbone, adapter_name, config)
     params = _trainable(transformer)
     if not params:

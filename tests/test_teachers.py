@@ -27,6 +27,7 @@ from distill.lora_training import (
     encode_pairs,
     flow_matching_loss,
     latest_checkpoint,
+    mirrored,
     train_lora,
 )
 from distill.teachers import evaluate_teacher, generate, ground_truths, score
@@ -113,6 +114,26 @@ def test_loss_goes_down_and_only_the_adapter_trains() -> None:
     with_lora, _, nfe = generate(bb, "inv", "Invert the colours.", src, steps=2)
     without, _, _ = generate(bb, None, "Invert the colours.", src, steps=2)
     assert nfe == 4 and (with_lora - without).abs().max() > 0.05
+
+
+def test_mirror_augmentation_adds_flipped_copies_of_both_images() -> None:
+    pairs = inverted_pairs(2)
+    assert mirrored(pairs, False, False) == pairs
+    xs = mirrored(pairs, True, False)
+    assert len(xs) == 4 and xs[:2] == pairs
+    src, tgt, prompt = xs[2]
+    assert torch.equal(src[0], pairs[0][0].flip(-1)) and torch.equal(tgt[0], pairs[0][1].flip(-1))
+    assert prompt == pairs[0][2] and not torch.equal(src[0], pairs[0][0])
+    both = mirrored(pairs, True, True)
+    assert len(both) == 8
+    assert torch.equal(both[-1][0][0], pairs[1][0].flip(-2, -1))  # the copy flipped both ways
+    assert len(mirrored(pairs, False, True)) == 4
+    # training sees the mirrored copies: its encoded data holds 4 views per pair
+    bb = frozen_tiny()
+    assert len(encode_pairs(bb, mirrored(pairs, True, True))) == 8
+    cfg = fast_config(steps=2, flip_x=True, flip_y=True)
+    assert LoraTrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert train_lora(bb, "mirror", pairs, cfg).steps == 2
 
 
 def test_resume_continues_the_same_trajectory(tmp_path: Path) -> None:

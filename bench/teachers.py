@@ -8,6 +8,9 @@ untouched source are the references. Prints a markdown table and writes it to re
 
     OMP_NUM_THREADS=1 python bench/teachers.py [--k 8 | --all | --effects sepia tile_2x2] [--steps N] [--set JSON] [--resume]
 
+``--mirror`` also trains each teacher on mirrored copies of its pairs, in the flips its effect is exactly
+symmetric under (``distill.effectbench.bench.mirror_flips``): what a curator would tick for such an effect.
+
 Each finished effect is also appended to ``<out>.jsonl``; ``--resume`` keeps the rows there that were
 made with the same recipe and test set and trains only the missing effects (a long ``--all`` run can be
 stopped and continued).
@@ -19,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from distill.backbones import adapters  # noqa: E402
 from distill.backbones.registry import load_backbone  # noqa: E402
-from distill.effectbench.bench import BenchSpec, ground_truth, test_sources, train_scene  # noqa: E402
+from distill.effectbench.bench import BenchSpec, ground_truth, mirror_flips, test_sources, train_scene  # noqa: E402
 from distill.effectbench.effects import MAIN_BENCH, get_effect  # noqa: E402
 from distill.effectbench.scenes import CATEGORIES  # noqa: E402
 from distill.images import to_tensor  # noqa: E402
@@ -62,6 +66,11 @@ def main(argv: list[str] | None = None) -> None:
         "--set",
         default="{}",
         help="other LoraTrainConfig overrides of the tiny preset (JSON), e.g. timestep_sampling",
+    )
+    ap.add_argument(
+        "--mirror",
+        action="store_true",
+        help="train on mirrored copies of the pairs too, in the flips each effect is symmetric under",
     )
     ap.add_argument("--n-test", type=int, default=8, help="test sources per category")
     ap.add_argument("--model-path", default=None, help="tiny weights folder (default: the committed ones)")
@@ -96,7 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     log_file = args.out.with_suffix(".jsonl")
     # as it reads back from JSON (tuples become lists), so it compares equal to a logged key
     key = json.loads(
-        json.dumps({"recipe": cfg.to_dict(), "n_test": args.n_test, "model_path": args.model_path})
+        json.dumps(
+            {
+                "recipe": cfg.to_dict(),
+                "n_test": args.n_test,
+                "model_path": args.model_path,
+                "mirror": args.mirror,
+            }
+        )
     )
     done = {}
     if args.resume and log_file.exists():
@@ -121,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             sc = train_scene(effect, i, spec)
             pairs.append((to_tensor(sc.image), to_tensor(ground_truth(effect, sc)), effect.teacher_prompt))
         adapter = teacher_name(name)
-        res = train_lora(backbone, adapter, pairs, cfg)
+        flip_x, flip_y = mirror_flips(effect) if args.mirror else (False, False)
+        res = train_lora(backbone, adapter, pairs, replace(cfg, flip_x=flip_x, flip_y=flip_y))
         teacher = evaluate_teacher(backbone, adapter, effect, effect.teacher_prompt, scenes)
         base = evaluate_teacher(backbone, None, effect, effect.teacher_prompt, scenes)
         src_psnr, _ = score(backbone.prepare_images(sources), ground_truths(effect, scenes))
@@ -136,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         worst_gap.append(teacher.psnr_worst - base.psnr_mean)
         train_times.append(res.seconds)
         row = (
-            f"| {name} | {effect.kind} | {res.seconds:.0f} | {res.final_loss:.4f} | {teacher.psnr_mean:.2f} "
+            f"| {name}{' (mirrored ' + 'x' * flip_x + 'y' * flip_y + ')' if flip_x or flip_y else ''} "
+            f"| {effect.kind} | {res.seconds:.0f} | {res.final_loss:.4f} | {teacher.psnr_mean:.2f} "
             f"| {teacher.psnr_worst:.2f} | {teacher.ssim_mean:.3f} | {base.psnr_mean:.2f} | {base.psnr_worst:.2f} "
             f"| {base.ssim_mean:.3f} | {np.mean(src_psnr):.2f} | {gain:+.2f} |"
         )

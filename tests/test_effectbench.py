@@ -336,3 +336,10 @@ def test_contact_sheet_size_and_cells(tmp_path, scenes):
     with Image.open(path) as im:
         rows = -(-(len(EFFECTS) + 1) // 10)
         assert im.size == (10 * 32 + 11 * GAP, rows * (32 + label_height(32)) + (rows + 1) * GAP)
+
+
+def test_mirror_flips_are_exact_symmetries() -> None:
+    assert bench.mirror_flips("sepia") == (True, True)  # a colour grade looks the same in a mirror
+    assert bench.mirror_flips("posterize") == (True, True)
+    assert bench.mirror_flips("mirror_left") == (False, True)  # the left half is copied to the right
+    assert bench.mirror_flips("pop_art_2x2") == (False, False)  # each quadrant has its own palette

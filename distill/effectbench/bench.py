@@ -162,6 +162,23 @@ def ground_truth(effect: Effect | str, scene: Scene) -> np.ndarray:
     return e.fn(scene.image, scene.mask)
 
 
+def mirror_flips(effect: Effect | str, spec: BenchSpec | None = None, n: int = 4) -> tuple[bool, bool]:
+    """Whether the effect commutes with a left-right and with an upside-down flip, checked exactly on
+    its first ``n`` training scenes: the flips under which a teacher may train on mirrored pairs
+    (``LoraTrainConfig.flip_x`` / ``flip_y``), as a curator would tick them for a symmetric effect."""
+    e = get_effect(effect) if isinstance(effect, str) else effect
+    spec = spec or BenchSpec()
+    ok = [True, True]
+    for i in range(n):
+        sc = train_scene(e, i, spec)
+        y = e.fn(sc.image, sc.mask)
+        for k, axis in enumerate((1, 0)):
+            if ok[k]:
+                flipped = e.fn(np.flip(sc.image, axis).copy(), np.flip(sc.mask, axis).copy())
+                ok[k] = bool(np.abs(flipped - np.flip(y, axis)).max() < 0.02)
+    return ok[0], ok[1]
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing
 

@@ -270,9 +270,12 @@ def _cli(monkeypatch, *argv: str) -> tuple[int, str]:
 def test_train_eval_list_via_cli(studio: Studio, monkeypatch, tmp_path: Path) -> None:
     bb = frozen_tiny()
     monkeypatch.setattr(teachers_service, "open_backbone", lambda studio, device=None: bb)
-    code, out = _cli(monkeypatch, "teacher", "train", "invert", "--here", "--steps", "3", "--rank", "4")
+    code, out = _cli(
+        monkeypatch, "teacher", "train", "invert", "--here", "--steps", "3", "--rank", "4", "--mirror", "x"
+    )
     assert code == 0 and "trained: 3 steps" in out
     lora = teachers_service.teacher_for(studio, "invert")
+    assert (lora.meta["train_config"]["flip_x"], lora.meta["train_config"]["flip_y"]) == (True, False)
     assert (lora.kind, lora.format, lora.rank, lora.backbone) == (LoraKind.TEACHER, "diffusers", 4, "tiny")
     assert lora.meta["pairs"] == 3 and lora.meta["teacher_prompt"] == "Invert the colours."
     # the file in the blob store is a loadable LoRA with the trained weights

@@ -117,7 +117,7 @@ def test_teacher_run_shows_progress_samples_and_finishes(studio: Studio, tmp_pat
     table = view.panel.table.set_index("effect")
     assert table.loc[C, "teacher"] == "none yet" and table.loc[A, "teacher"].endswith("imported (diffusers)")
 
-    view = teachers_tab.start_training(studio, C, 4, 2, 1e-3, FAST_TEACHER)
+    view = teachers_tab.start_training(studio, C, 4, 2, 1e-3, FAST_TEACHER, ["left-right"])
     assert not view.error, view.error
     run_id = view.run_id
     assert f"Started run {run_id}: teacher of **{C}**, 2 steps." in view.notice
@@ -132,6 +132,7 @@ def test_teacher_run_shows_progress_samples_and_finishes(studio: Studio, tmp_pat
         1e-3,
         2,
     )
+    assert (train["flip_x"], train["flip_y"]) == (True, False)  # the form's mirror choice reached the run
 
     # The worker's half (in-process): it runs one step, then is asked to stop.
     _set_status(studio, run_id, RunStatus.RUNNING)

@@ -55,6 +55,13 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the backbone's preset)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (alpha follows it)")
     p.add_argument("--lr", type=float, default=None, help="learning rate")
+    p.add_argument(
+        "--mirror",
+        choices=["x", "y", "xy"],
+        default=None,
+        help="also train on left-right (x) and/or upside-down (y) mirrored pairs: only for an effect "
+        "that looks the same in that mirror",
+    )
 
 
 def _config(args: argparse.Namespace, studio: Studio):
@@ -67,6 +74,8 @@ def _config(args: argparse.Namespace, studio: Studio):
         overrides.update(rank=args.rank, alpha=float(args.rank))
     if args.lr is not None:
         overrides["lr"] = args.lr
+    if args.mirror:
+        overrides.update(flip_x="x" in args.mirror, flip_y="y" in args.mirror)
     return teachers_service.default_config(studio, **overrides)
 
 
@@ -122,7 +131,7 @@ def _train_in_processes(args: argparse.Namespace, studio: Studio, todo: list[str
     if studio.config.db_url:
         base += ["--db-url", studio.config.db_url]
     extra = []
-    for flag in ("steps", "rank", "lr"):
+    for flag in ("steps", "rank", "lr", "mirror"):
         if getattr(args, flag) is not None:
             extra += [f"--{flag}", str(getattr(args, flag))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

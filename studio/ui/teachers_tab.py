@@ -9,7 +9,7 @@ from the database; ``build`` only wires them to Gradio components.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,10 +189,19 @@ def _guarded(
 # Handlers (plain functions; tests call them directly).
 
 
+MIRRORS = {"left-right": "flip_x", "upside-down": "flip_y"}  # form choice -> LoraTrainConfig field
+
+
 def train_config(
-    studio: Studio, rank: float | None, steps: float | None, lr: float | None, extra: str | None = ""
+    studio: Studio,
+    rank: float | None,
+    steps: float | None,
+    lr: float | None,
+    extra: str | None = "",
+    mirror: Sequence[str] | None = (),
 ) -> LoraTrainConfig:
-    """The preset with the form's values; alpha follows the rank (the preset's alpha/rank ratio)."""
+    """The preset with the form's values; alpha follows the rank (the preset's alpha/rank ratio);
+    ``mirror``: the flips (keys of ``MIRRORS``) to add mirrored copies of the pairs in."""
     base = teachers_service.default_config(studio)
     d = base.to_dict()
     if rank is None or int(rank) < 1 or int(rank) != rank:
@@ -202,6 +211,7 @@ def train_config(
     if lr is None or not 0 < float(lr) < 1:
         raise SettingsError("The learning rate must be a number between 0 and 1, e.g. 0.002.")
     d.update(rank=int(rank), alpha=base.alpha * int(rank) / base.rank, steps=int(steps), lr=float(lr))
+    d.update({field: choice in (mirror or ()) for choice, field in MIRRORS.items()})
     d.update(parse_extra(extra))
     try:
         return teachers_service.check_train_config(LoraTrainConfig.from_dict(d))
@@ -216,13 +226,14 @@ def start_training(
     steps: float | None,
     lr: float | None,
     extra: str | None = "",
+    mirror: Sequence[str] | None = (),
 ) -> View:
     """Queue the effect's teacher training as a background run and show it."""
 
     def action() -> tuple[str, str | None, int | None]:
         if not effect:
             raise LibraryError("Pick the effect to train a teacher for.")
-        config = train_config(studio, rank, steps, lr, extra)
+        config = train_config(studio, rank, steps, lr, extra, mirror)
         run_id = teachers_service.submit_training(studio, effect, config)
         ahead = [v for v in runs.list_runs(studio) if runs_view.is_active(v) and v.id < run_id]
         note = f" It is queued behind run {ahead[-1].id}." if ahead else ""
@@ -304,6 +315,12 @@ def build(studio: Studio, app: gr.Blocks) -> None:
             rank_in = gr.Number(value=d.rank, label="Rank", precision=0, elem_id="teachers-rank")
             steps_in = gr.Number(value=d.steps, label="Steps", precision=0, elem_id="teachers-steps")
             lr_in = gr.Number(value=d.lr, label="Learning rate", elem_id="teachers-lr")
+        mirror_in = gr.CheckboxGroup(
+            choices=list(MIRRORS),
+            value=[],
+            label="Also train on mirrored pairs (only for an effect that looks the same in that mirror)",
+            elem_id="teachers-mirror",
+        )
         extra_in = gr.Textbox(
             label='More settings (JSON, optional), e.g. {"batch": 4, "sample_every": 50}',
             elem_id="teachers-extra",
@@ -364,8 +381,8 @@ def build(studio: Studio, app: gr.Blocks) -> None:
     app.load(on_load, outputs=[*view_outputs, active_md])
     runs_view.on_tab_selected(on_select, [effect_in, run_in], [*view_outputs, active_md])
     train_btn.click(
-        lambda e, r, s, lr, x: out(start_training(studio, e, r, s, lr, x)),
-        [effect_in, rank_in, steps_in, lr_in, extra_in],
+        lambda e, r, s, lr, x, m: out(start_training(studio, e, r, s, lr, x, m)),
+        [effect_in, rank_in, steps_in, lr_in, extra_in, mirror_in],
         view_outputs,
         concurrency_limit=1,
     )

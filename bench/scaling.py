@@ -29,7 +29,11 @@ def scaling_table(runs: list[dict]) -> str:
     runs = sorted(runs, key=lambda r: len(r["effects"]))
     systems = list(dict.fromkeys(name for r in runs for name in r["systems"]))
     sizes = [len(r["effects"]) for r in runs]
-    head = "| System | NFE | " + " | ".join(f"{n} effects: PSNR / Acc / BCR" for n in sizes) + " |"
+    head = (
+        "| System | NFE | "
+        + " | ".join(f"{n} effects ({r['tag']}): PSNR / Acc / BCR" for n, r in zip(sizes, runs))
+        + " |"
+    )
     lines = [head, "|---|---|" + "---|" * len(runs)]
     for name in systems:
         nfe = next(r["systems"][name]["nfe"] for r in runs if name in r["systems"])

@@ -42,7 +42,9 @@ def test_table_orders_runs_by_size_and_marks_missing_systems(tmp_path):
     out = tmp_path / "t4.md"
     scaling.main(["--tags", "big", "small", "--results", str(tmp_path), "--out", str(out)])
     text = out.read_text()
-    assert "| System | NFE | 10 effects: PSNR / Acc / BCR | 50 effects: PSNR / Acc / BCR |" in text
+    assert (
+        "| System | NFE | 10 effects (small): PSNR / Acc / BCR | 50 effects (big): PSNR / Acc / BCR |" in text
+    )
     assert "| Ours | 8 | 23.25 / 0.900 / 0.100 | 20.50 / 0.900 / 0.100 |" in text
     assert "| FM+Lightning | 8 | 19.75 / 0.900 / 0.100 | - |" in text
     assert "| Ours: distillation minutes | | 10.0 | 50.0 |" in text

@@ -211,7 +211,7 @@ def train_config(
     if lr is None or not 0 < float(lr) < 1:
         raise SettingsError("The learning rate must be a number between 0 and 1, e.g. 0.002.")
     d.update(rank=int(rank), alpha=base.alpha * int(rank) / base.rank, steps=int(steps), lr=float(lr))
-    d.update({field: choice in (mirror or ()) for choice, field in MIRRORS.items()})
+    d.update({key: choice in (mirror or ()) for choice, key in MIRRORS.items()})
     d.update(parse_extra(extra))
     try:
         return teachers_service.check_train_config(LoraTrainConfig.from_dict(d))

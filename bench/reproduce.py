@@ -531,6 +531,7 @@ def main() -> None:
         table_md.write_text("\n".join(md + tail))
 
     flush()
+    summary_json = s.out / f"table1_{tag}.json"  # for bench/scaling.py
     summary = {
         "tag": tag,
         "effects": names,
@@ -539,7 +540,7 @@ def main() -> None:
         "distill_seconds": ours_sec,
         "systems": headline(results),
     }
-    (s.out / f"table1_{tag}.json").write_text(json.dumps(summary, indent=1))  # for bench/scaling.py
+    summary_json.write_text(json.dumps(summary, indent=1))
 
     ours_entry = {e.name: e for e in entries}
     if len(names) >= 2:
@@ -619,7 +620,7 @@ def main() -> None:
         ]
         md.append(table(ext, f"Table 5 analogue: {len(names)} -> {len(names) + len(new)} effects"))
         summary["extension"] = {"new_effects": new, "systems": headline(ext)}
-        (s.out / f"table1_{tag}.json").write_text(json.dumps(summary, indent=1))
+        summary_json.write_text(json.dumps(summary, indent=1))
 
     flush(done=True)
     save_grid(results, names[: min(6, len(names))], scenes, s.out / f"grid_{tag}.png")

@@ -48,9 +48,10 @@ class DistillConfig:
     ta_fm_weight: float = 1.0
     # C2F-DO's coarse stage made explicit: coarse_ratio x ``steps`` generator steps of TA-FM alone (no
     # critic, rollouts or scores; PDSR-routed: general draws anchor on the base's own edits) run before
-    # the ``steps`` of the full objective. TA-FM is the early-stage anchor across the teacher-student gap (§4.4); where a full
-    # step costs ~40 forward-equivalents against a TA-FM step's 3 (the tiny backbone on CPU), spending
-    # the coarse part of the run on it alone buys many more anchor updates per minute. 0: the paper's
+    # the ``steps`` of the full objective. TA-FM is the early-stage anchor across the teacher-student
+    # gap (§4.4); where a full step costs ~40 forward-equivalents against a TA-FM step's 3 (the tiny
+    # backbone on CPU), spending the coarse part of the run on it alone buys many more anchor updates
+    # per minute. 0: the paper's
     # eq. 8 from the first step. A ratio, so one ``steps`` sizes a run (and an extension) whole. The lr
     # schedule, cache refreshes and checkpoint cadence count the full steps. Without TA-FM (Table 3's
     # ablations) or without an effect stream (Lightning) there is no coarse stage.

@@ -200,10 +200,11 @@ def mirrored(pairs: Sequence[TrainPair], flip_x: bool, flip_y: bool) -> list[Tra
     out: list[TrainPair] = []
     for d in dims:
         for source, target, prompt in pairs:
-            if not d:
-                out.append((source, target, prompt))
-            else:
-                out.append((_as_image(source).flip(d), _as_image(target).flip(d), prompt))
+            out.append(
+                (_as_image(source).flip(d), _as_image(target).flip(d), prompt)
+                if d
+                else (source, target, prompt)
+            )
     return out
 
 

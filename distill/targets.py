@@ -83,17 +83,31 @@ def cached_base_outputs(
     file: Path | None,
 ) -> torch.Tensor:
     """``base_outputs``, read from ``file`` when it holds the same sources, else made (and written)."""
-    if file is not None and file.exists():
-        data = load_file(str(file))
-        if data["sources"].shape == sources.shape and torch.equal(data["sources"], sources):
-            return data["targets"]
-    out = base_outputs(backbone, sources, prompts, steps, cfg, seed)
-    if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp")
-        save_file({"sources": sources.contiguous(), "targets": out.contiguous()}, str(tmp))
-        tmp.replace(file)
+    out = read_targets(file, sources)
+    if out is None:
+        out = base_outputs(backbone, sources, prompts, steps, cfg, seed)
+        write_targets(file, sources, out)
     return out
+
+
+def read_targets(file: Path | None, sources: torch.Tensor) -> torch.Tensor | None:
+    """The targets cached in ``file`` if it was made from exactly ``sources``, else None."""
+    if file is None or not file.exists():
+        return None
+    data = load_file(str(file))
+    if data["sources"].shape == sources.shape and torch.equal(data["sources"], sources):
+        return data["targets"]
+    return None
+
+
+def write_targets(file: Path | None, sources: torch.Tensor, targets: torch.Tensor) -> None:
+    """Cache ``targets`` of ``sources`` in ``file`` (atomically: a reader never sees half a file)."""
+    if file is None:
+        return
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    save_file({"sources": sources.contiguous(), "targets": targets.contiguous()}, str(tmp))
+    tmp.replace(file)
 
 
 class TargetCache:
@@ -132,14 +146,9 @@ class TargetCache:
         for i, e in enumerate(self.effects):
             if self.targets[i] is not None:  # restored from a checkpoint
                 continue
-            f = self._file(i)
-            if f is not None and f.exists():
-                data = load_file(str(f))
-                if data["sources"].shape == self.sources[i].shape and torch.equal(
-                    data["sources"], self.sources[i]
-                ):
-                    self.targets[i] = data["targets"]
-                    continue
+            self.targets[i] = read_targets(self._file(i), self.sources[i])
+            if self.targets[i] is not None:
+                continue
             self.targets[i] = teacher_outputs(
                 self.backbone, e, self.sources[i], self.steps, self.cfg, self.seed + 1000 * i
             )
@@ -148,15 +157,7 @@ class TargetCache:
                 progress(i + 1, len(self.effects))
 
     def _save(self, i: int) -> None:
-        f = self._file(i)
-        if f is None:
-            return
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(".tmp")
-        save_file(
-            {"sources": self.sources[i].contiguous(), "targets": self.targets[i].contiguous()}, str(tmp)
-        )
-        tmp.replace(f)
+        write_targets(self._file(i), self.sources[i], self.targets[i])
 
     def refresh(self, fraction: float, generator: torch.Generator) -> int:
         """Regenerate a random share of every effect's targets with fresh noise; returns how many."""

@@ -485,7 +485,9 @@ def main() -> None:
     log("Ours (CollectionLoRA)")
     specs = effect_specs(s, names, prompts)
     ours_sec = (
-        distill_adapter(s, "ours", specs, DistillConfig.for_backbone("tiny", **dcfg)) if want("ours") else 0
+        distill_adapter(s, "ours", specs, DistillConfig.for_backbone("tiny", len(names), **dcfg))
+        if want("ours")
+        else 0
     )
     adapters.set_trainable(s.bb.transformer, [])
     if only is not None:
@@ -576,7 +578,8 @@ def main() -> None:
             adapter = "abl_" + label.split(")")[0].strip("(")
             log(f"ablation {label}")
             if over:
-                distill_adapter(s, adapter, specs, DistillConfig.for_backbone("tiny", **{**dcfg, **over}))
+                cfg = DistillConfig.for_backbone("tiny", len(names), **{**dcfg, **over})
+                distill_adapter(s, adapter, specs, cfg)
             else:  # the full method is Ours, trained above with the same settings
                 adapter = "ours"
             aop = over.get("aop", True)

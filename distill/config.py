@@ -64,6 +64,9 @@ class DistillConfig:
     # the student's lr in the coarse stage (None: lr_student); plain regression takes a higher one
     # than the distribution-matching updates that follow (results/recipe_tiny.md, session 7)
     coarse_lr: float | None = None
+    # the coarse stage's lr over its steps: "constant", or "cosine" down to lr_min_ratio x coarse_lr by its
+    # end (a regression at a high lr plateaus at its own noise; the full objective then starts low anyway)
+    coarse_lr_schedule: str = "constant"
     # which effect an effect-stream draw trains: "uniform", or "loss": half the draws uniform, half in
     # proportion to each effect's running TA-FM loss, to give unlearned effects more of the run
     # (no gain measured at 3 effects: results/recipe_tiny.md, session 4)
@@ -106,8 +109,8 @@ class DistillConfig:
             raise ValueError("tau_min and tau_max are timesteps in [0, 1000]")
         if min(self.critic_updates, self.student_steps, self.steps, self.batch, self.micro_batches) < 1:
             raise ValueError("steps, batch, micro_batches, critic_updates and student_steps must be >= 1")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError("lr_schedule must be 'constant' or 'cosine'")
+        if not {self.lr_schedule, self.coarse_lr_schedule} <= {"constant", "cosine"}:
+            raise ValueError("lr_schedule and coarse_lr_schedule must be 'constant' or 'cosine'")
         if not 0.0 <= self.lr_min_ratio <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("lr_min_ratio must be in [0, 1] and ema_decay in [0, 1)")
         if self.ta_fm_extra not in ("same", "any"):
@@ -153,11 +156,16 @@ class DistillConfig:
 
     def lr_factor(self, step: int) -> float:
         """The lr multiplier at generator step ``step`` (0-based, counted over the whole run, coarse
-        stage first), from the step alone (resume-safe). The coarse stage runs at the full lr."""
-        step -= self.coarse
-        if self.lr_schedule == "constant" or step < 0:
+        stage first), from the step alone (resume-safe): ``coarse_lr_schedule`` over the coarse stage,
+        ``lr_schedule`` over the full objective's steps."""
+        if self.is_coarse(step):
+            return self._schedule(self.coarse_lr_schedule, step, self.coarse)
+        return self._schedule(self.lr_schedule, step - self.coarse, self.steps)
+
+    def _schedule(self, kind: str, step: int, total: int) -> float:
+        if kind == "constant":
             return 1.0
-        cos = 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / self.steps))
+        cos = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
         return self.lr_min_ratio + (1.0 - self.lr_min_ratio) * cos
 
     @property
@@ -182,9 +190,11 @@ class DistillConfig:
         return cls(**d)
 
     @classmethod
-    def for_backbone(cls, name: str, **overrides: Any) -> DistillConfig:
+    def for_backbone(cls, name: str, n_effects: int | None = None, **overrides: Any) -> DistillConfig:
         """The paper's defaults for Qwen-Image-Edit; for the tiny backbone, a recipe sized for 2 CPU
-        cores (higher lr for a small model, fewer steps, a smaller cache)."""
+        cores (higher lr for a small model, fewer steps, a smaller cache). Given ``n_effects``, the
+        preset's ``steps`` grow with the effects beyond those it was sized for (``budget_steps``) unless
+        ``overrides`` set them."""
         if name == "tiny":
             # Measured on 3 bench effects (sepia, pastel, glitch), 300 generator steps, 8-NFE PSNR to
             # ground truth: lr 5e-4 learns too slowly (14 dB after 400 steps on 10 effects); lr 2e-3
@@ -225,7 +235,26 @@ class DistillConfig:
             )
         else:
             base = {}
+        if n_effects is not None and "steps" not in overrides:
+            base["steps"] = budget_steps(
+                base.get("steps", cls.steps), n_effects, PRESET_EFFECTS.get(name, 50)
+            )
         return cls.from_dict(merge_overrides(base, overrides))
+
+
+# How many effects each preset's ``steps`` were sized for: the paper's 5000 steps hold 50 effects (§5.1);
+# the tiny preset was calibrated on 8 (results/recipe_tiny.md).
+PRESET_EFFECTS = {"tiny": 8}
+
+
+def budget_steps(steps: int, n_effects: int, sized_for: int) -> int:
+    """A preset's ``steps`` for ``n_effects``: above the ``sized_for`` effects the budget grows in
+    proportion, so each effect keeps its share of anchor and distribution-matching updates. With a fixed
+    budget every effect's updates fall as 1/N: at 20 effects twice the tiny preset's steps gave +1.1 dB
+    and BCR 0.38 -> 0.31, the 10-effect level (results/table4_scaling.md). Rounded up to tens."""
+    if n_effects <= sized_for:
+        return steps
+    return math.ceil(steps * n_effects / sized_for / 10) * 10
 
 
 def _shape(spec: LoraSpec) -> tuple[int, float, tuple[str, ...]]:

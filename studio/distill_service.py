@@ -140,17 +140,25 @@ def plan_effects(studio: Studio, names: list[str]) -> list[EffectPlan]:
     return plans
 
 
-def _config(backbone: str, base: dict[str, Any] | None, overrides: dict[str, Any] | None) -> DistillConfig:
-    d = dict(base) if base else DistillConfig.for_backbone(backbone).to_dict()
+def _config(
+    backbone: str,
+    base: dict[str, Any] | None,
+    overrides: dict[str, Any] | None,
+    n_effects: int | None = None,
+) -> DistillConfig:
+    d = dict(base) if base else DistillConfig.for_backbone(backbone, n_effects).to_dict()
     try:
         return DistillConfig.from_dict(merge_overrides(d, overrides or {}))
     except (TypeError, ValueError) as e:
         raise DistillError(f"Bad distillation settings: {e}") from e
 
 
-def planned_config(studio: Studio, overrides: dict[str, Any] | None = None) -> DistillConfig:
-    """The settings a new run of this studio's backbone gets with ``overrides`` (checked)."""
-    return _config(studio.config.backbone, None, overrides)
+def planned_config(
+    studio: Studio, overrides: dict[str, Any] | None = None, n_effects: int | None = None
+) -> DistillConfig:
+    """The settings a new run of ``n_effects`` effects on this studio's backbone gets with ``overrides``
+    (checked); without ``overrides["steps"]`` the budget grows with the effects (``budget_steps``)."""
+    return _config(studio.config.backbone, None, overrides, n_effects)
 
 
 def _general(backbone: str, images: int, seed: int = 0) -> dict[str, Any]:
@@ -171,7 +179,7 @@ def start_distillation(
     names = effects if effects else [e.name for e in library.list_effects(studio)]
     plans = plan_effects(studio, list(names))
     backbone = studio.config.backbone
-    config = _config(backbone, None, config_overrides)
+    config = _config(backbone, None, config_overrides, len(plans))
     run_config = {
         "effects": [p.name for p in plans],
         "plans": [asdict(p) for p in plans],

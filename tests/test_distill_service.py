@@ -116,6 +116,25 @@ def test_checks_list_everything_missing_with_the_fix(studio: Studio, tmp_path: P
         distill_service.start_distillation(studio, ["warm"])
 
 
+def test_a_new_runs_step_budget_grows_with_its_effects(studio: Studio, submitted, monkeypatch) -> None:
+    from distill import config as distill_config
+    from studio.ui import distill_tab
+
+    preset = distill_service.planned_config(studio).steps
+    monkeypatch.setitem(distill_config.PRESET_EFFECTS, "tiny", 1)  # sized for one: two get twice the steps
+
+    def steps(run_id: int) -> int:
+        with studio.session() as s:
+            return s.get(runs.Run, run_id).config["distill"]["steps"]
+
+    assert steps(distill_service.start_distillation(studio, ["warm", "frame"])) == 2 * preset
+    assert steps(distill_service.start_distillation(studio, ["warm"])) == preset
+    assert steps(distill_service.start_distillation(studio, ["warm", "frame"], {"steps": 7})) == 7
+    # the Distill tab's steps field follows the ticked effects
+    assert distill_tab.steps_for(studio, ["warm", "frame"]) == 2 * preset
+    assert distill_tab.steps_for(studio, []) == distill_tab.steps_for(studio, ["warm"]) == preset
+
+
 def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitted, monkeypatch) -> None:
     # a shape given for both (the critic starts as a copy of the student); eq. 8 from step 1 here
     overrides = {**FAST, "student_lora": {"rank": 4}, "fake_lora": {"rank": 4}, "coarse_ratio": 0.0}

@@ -436,6 +436,30 @@ def test_coarse_stage_trains_the_anchor_alone_then_the_full_objective(tmp_path: 
     assert rec.step == 5 and 3 in rec.checkpoints and 5 in rec.checkpoints
 
 
+def test_a_cosine_coarse_stage_decays_its_own_lr_then_the_full_objective_starts_at_its_own(
+    tmp_path: Path,
+) -> None:
+    cfg = _config(
+        coarse_ratio=2.0,
+        steps=2,
+        critic_updates=1,
+        coarse_lr=0.01,
+        coarse_lr_schedule="cosine",
+        lr_min_ratio=0.1,
+        lr_schedule="constant",
+    )
+    want = [0.01 * f for f in (1.0, 0.868198, 0.55, 0.231802)]  # 0.1 + 0.9 x (1 + cos(pi k / 4)) / 2
+    assert [cfg.lr_factor(i) * cfg.student_lr_at(i) for i in range(4)] == pytest.approx(want)
+    d = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path)
+    lrs: list[float] = []
+    g_step = d.opt_g.step
+    d.opt_g.step = lambda *a, **k: lrs.append(d.opt_g.param_groups[0]["lr"]) or g_step(*a, **k)
+    d.train()
+    assert lrs[:4] == pytest.approx(want) and lrs[4:] == pytest.approx([cfg.lr_student] * 2)
+    with pytest.raises(ValueError, match="coarse_lr_schedule"):
+        _config(coarse_lr_schedule="step")
+
+
 def test_the_coarse_stage_routes_general_draws_to_the_bases_own_edits(tmp_path: Path) -> None:
     from distill.targets import base_outputs
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from distill.backbones.adapters import LoraSpec
-from distill.config import DistillConfig
+from distill.config import DistillConfig, budget_steps
 from distill.lora_training import LoraTrainConfig
 from distill.settings import checked_settings
 
@@ -42,3 +43,16 @@ def test_a_student_lora_shape_given_alone_is_the_critics_too() -> None:
         DistillConfig.for_backbone("tiny", **odd)
     c = DistillConfig.for_backbone("tiny", **odd, coarse_fake_init=False)
     assert c.fake_lora.alpha == 4.0 and c.student_lora.alpha == 16.0
+
+
+def test_the_presets_step_budget_grows_with_the_effects() -> None:
+    tiny = DistillConfig.for_backbone("tiny")
+    assert DistillConfig.for_backbone("tiny", 8).steps == tiny.steps  # what the preset was sized for
+    assert DistillConfig.for_backbone("tiny", 3).steps == tiny.steps  # never fewer
+    assert DistillConfig.for_backbone("tiny", 20).steps == math.ceil(tiny.steps * 20 / 8 / 10) * 10
+    grown = DistillConfig.for_backbone("tiny", 20)
+    assert grown.coarse == round(grown.coarse_ratio * grown.steps)  # the coarse stage grows with it
+    assert DistillConfig.for_backbone("tiny", 20, steps=300).steps == 300  # steps given: kept
+    assert DistillConfig.for_backbone("qwen-image-edit", 50).steps == 5000  # the paper's, for its 50
+    assert DistillConfig.for_backbone("qwen-image-edit", 54).steps == 5400
+    assert budget_steps(100, 9, 4) == 230  # 225, up to tens

@@ -104,6 +104,11 @@ def defaults(studio: Studio) -> Form:
     return Form(c.steps, c.p_switch, c.tau_max, c.tau_min, c.lr_student, c.critic_updates, on)
 
 
+def steps_for(studio: Studio, effects: list[str] | None) -> int:
+    """The preset's generator steps for the ticked effects: the budget grows with their number."""
+    return distill_service.planned_config(studio, n_effects=len(effects or [])).steps
+
+
 @dataclass
 class Panel:
     """The selected run's live part (what the timer refreshes) and the run history."""
@@ -333,7 +338,13 @@ def build(studio: Studio, app: gr.Blocks) -> None:
     effects_in = gr.CheckboxGroup(choices=[], value=[], label="Effects", elem_id="distill-effects")
     with gr.Accordion("Settings", open=True):
         with gr.Row():
-            steps_in = gr.Number(value=d.steps, label="Generator steps", precision=0, elem_id="distill-steps")
+            steps_in = gr.Number(
+                value=d.steps,
+                label="Generator steps",
+                info="Grows with the ticked effects (the preset's budget per effect); edit to override.",
+                precision=0,
+                elem_id="distill-steps",
+            )
             lr_in = gr.Number(value=d.lr, label="Learning rate (student)", elem_id="distill-lr")
             critic_in = gr.Number(
                 value=d.critic_updates, label="Critic updates per step", precision=0, elem_id="distill-critic"
@@ -418,8 +429,9 @@ def build(studio: Studio, app: gr.Blocks) -> None:
     def out(view: View) -> tuple:
         return view.updates()
 
-    def on_load():
-        return (*out(render(studio)), runs_view.active_runs_markdown(studio))
+    def on_load():  # the steps field starts at the budget for the effects ticked by default
+        view = render(studio)
+        return (*out(view), runs_view.active_runs_markdown(studio), steps_for(studio, view.chosen))
 
     def on_launch(effects, steps, p, tmax, tmin, lr, critic, switches, extra, name):
         form = Form(steps, p, tmax, tmin, lr, critic, list(switches or []))
@@ -428,8 +440,10 @@ def build(studio: Studio, app: gr.Blocks) -> None:
     def on_select(run_id, chosen):
         return (*out(render(studio, run_id, chosen=chosen)), runs_view.active_runs_markdown(studio))
 
-    app.load(on_load, outputs=[*view_outputs, active_md])
+    app.load(on_load, outputs=[*view_outputs, active_md, steps_in])
     runs_view.on_tab_selected(on_select, [run_in, effects_in], [*view_outputs, active_md])
+    # .input, not .change: a refresh of the effect list must not overwrite steps the curator typed
+    effects_in.input(lambda e: steps_for(studio, e), effects_in, steps_in)
     launch_btn.click(
         on_launch,
         [effects_in, steps_in, p_in, tmax_in, tmin_in, lr_in, critic_in, switches_in, extra_in, name_in],

@@ -214,10 +214,16 @@ class DistillConfig:
             # steps of 600, BCR 0.09-0.11; results/recipe_tiny.md). Routing the coarse stage by PDSR
             # keeps general edits (24.2 dB vs 19.8 effect-only; base 27.7): 8 effects in 19.5 min, 23.84 dB /
             # BCR 0.125 (FM+Lightning 24.10 / 0.113; results/table1_8fx8.md).
+            # Session 9 (20 effects, 3000 coarse steps, 8-NFE PSNR / BCR): a cosine over the coarse stage
+            # 20.72 / 0.39 (at coarse lr 4e-3: 20.97 / 0.38) against the constant lr's 20.49 / 0.38; an
+            # EMA of 0.995 20.58, coarse lr 1e-3 20.08, rank 64 no better per step and 24% slower
+            # (results/recipe_tiny.md). The coarse stage is still gaining at 3000 steps: steps, not the
+            # lr's noise, are what it lacks, hence ``budget_steps``.
             base: dict[str, Any] = dict(
                 steps=500,
                 coarse_ratio=6.0,
                 coarse_lr=2e-3,
+                coarse_lr_schedule="cosine",
                 lr_student=5e-4,
                 lr_fake=2e-3,
                 batch=2,

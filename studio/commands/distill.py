@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = dsub.add_parser("run", help="queue a distillation run (every effect by default)")
     p.add_argument("--effects", nargs="+", default=None, metavar="EFFECT", help="only these effects")
-    _run_options(p)
+    _run_options(p, default_steps="the backbone's preset, grown with the number of effects")
     p.add_argument("--name", default="", help="a label for the run")
     p.set_defaults(handler=cmd_run)
 

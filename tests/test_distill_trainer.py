@@ -406,7 +406,13 @@ def test_coarse_stage_trains_the_anchor_alone_then_the_full_objective(tmp_path: 
     """``coarse_ratio`` x ``steps`` TA-FM-only updates (no critic work, the fake score untouched, targets of
     several effects per batch), then ``steps`` of the full objective on their own lr schedule."""
     cfg = _config(
-        coarse_ratio=1.5, steps=2, p_switch=1.0, critic_updates=2, lr_schedule="cosine", coarse_lr=0.01
+        coarse_ratio=1.5,
+        steps=2,
+        p_switch=1.0,
+        critic_updates=2,
+        lr_schedule="cosine",
+        coarse_lr=0.01,
+        coarse_lr_schedule="constant",
     )
     assert cfg.total_steps == 5 and cfg.lr_factor(2) == 1.0 and cfg.lr_factor(3) == 1.0
     assert cfg.lr_factor(4) < 1.0

@@ -42,6 +42,12 @@ def main() -> None:
     ap.add_argument("--tag", required=True)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=100)
+    ap.add_argument(
+        "--every-full",
+        type=int,
+        default=None,
+        help="in the full stage, a row every N full steps (default --every)",
+    )
     ap.add_argument("--set", default="{}", help="DistillConfig overrides of the tiny preset (JSON)")
     ap.add_argument("--names", default="sepia,pastel,glitch")
     ap.add_argument("--test-per-category", type=int, default=4)
@@ -85,7 +91,12 @@ def main() -> None:
         def progress(self, step: int, total: int, metrics: dict[str, float]) -> None:
             for k, v in metrics.items():
                 self.agg.setdefault(k, []).append(v)
-            if step % args.every == 0 or step == total:
+            full = step - cfg.coarse
+            if full > 0 and args.every_full:
+                due = full % args.every_full == 0
+            else:
+                due = step % args.every == 0 or step == cfg.coarse
+            if due or step == total:
                 self.row(step)
 
         def row(self, step: int) -> None:

@@ -218,10 +218,15 @@ class DistillConfig:
             # 20.72 / 0.39 (at coarse lr 4e-3: 20.97 / 0.38) against the constant lr's 20.49 / 0.38; an
             # EMA of 0.995 20.58, coarse lr 1e-3 20.08, rank 64 no better per step and 24% slower
             # (results/recipe_tiny.md). The coarse stage is still gaining at 3000 steps: steps, not the
-            # lr's noise, are what it lacks, hence ``budget_steps``.
+            # lr's noise, are what it lacks, hence ``budget_steps``. Two effects on TA-FM alone match their
+            # teachers (35.9 dB at 8 NFE against 35.5 / 36.6 at 80) after ~1000 coarse steps per effect;
+            # 10 effects gain ~0.3-0.6 dB per 1000 coarse steps up to 8000 (22.1 dB), while the first few
+            # hundred full steps cost 1-1.5 dB (recovered only after ~1000): per minute of CPU the coarse
+            # stage buys the fidelity. Session 10: ~1000 coarse steps per effect (32 per full step) and a
+            # short full objective (250 steps at 8 effects) in ~35 min for 8 effects.
             base: dict[str, Any] = dict(
-                steps=500,
-                coarse_ratio=6.0,
+                steps=250,
+                coarse_ratio=32.0,
                 coarse_lr=2e-3,
                 coarse_lr_schedule="cosine",
                 lr_student=5e-4,

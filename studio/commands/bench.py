@@ -63,7 +63,6 @@ def cmd_import(args: argparse.Namespace, studio: Studio) -> None:
 
 def cmd_contact_sheet(args: argparse.Namespace, studio: Studio) -> None:
     from distill.effectbench.contact_sheet import write_contact_sheet
-
     from distill.effectbench.scenes import make_scene
 
     write_contact_sheet(args.out, scene=make_scene(args.category, args.seed))

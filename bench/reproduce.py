@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -451,7 +452,8 @@ def main() -> None:
         return
     secs = train_teachers(s, names, args.teacher_steps)
     prompts = student_prompts(s, names)
-    dcfg = dict(steps=args.distill_steps) if args.distill_steps else {}
+    dcfg: dict[str, Any] = dict(steps=args.distill_steps) if args.distill_steps else {}
+    dcfg["keep_checkpoints"] = None  # --curve and later probes (student_curve --resume) read them all
     if args.coarse_ratio is not None:
         dcfg["coarse_ratio"] = args.coarse_ratio
     if args.distill_lr:

@@ -126,5 +126,5 @@ def latest_checkpoint(path: Path) -> Path | None:
 def prune_checkpoints(folder: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints in ``folder``."""
     found = list_checkpoints(folder)
-    for old in found[: len(found) - max(keep, 0)]:
+    for old in found[: max(len(found) - keep, 0)]:  # fewer than ``keep``: nothing goes
         shutil.rmtree(old, ignore_errors=True)

@@ -97,6 +97,9 @@ class DistillConfig:
     # bookkeeping
     seed: int = 0
     checkpoint_every: int = 100
+    # the newest checkpoints kept on disk (None: every one); each holds both adapters, the EMA and both
+    # optimizers, so a long real-model run would otherwise fill the disk
+    keep_checkpoints: int | None = 3
     sample_every: int = 250
     log_every: int = 1
     # incremental extension (Tab. 5): share of batches given to the new effects
@@ -123,6 +126,8 @@ class DistillConfig:
             raise ValueError("ta_fm_timesteps must be 'logit_normal', 'uniform' or 'student'")
         if self.ta_fm_batch is not None and self.ta_fm_batch < 1:
             raise ValueError("ta_fm_batch must be >= 1 (or unset: the batch)")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ValueError("keep_checkpoints must be >= 1 (or unset: keep every checkpoint)")
         if self.coarse_ratio < 0:
             raise ValueError("coarse_ratio must be >= 0")
         if self.coarse_lr is not None and not 0 < self.coarse_lr < 1:

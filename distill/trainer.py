@@ -39,6 +39,7 @@ from .checkpointing import (
     flatten_optimizer,
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
     unflatten_optimizer,
 )
@@ -572,9 +573,9 @@ class CollectionDistiller:
                 if cfg.sample_every and done % cfg.sample_every == 0:
                     self.reporter.samples(self.step, self.sample_grid())
                 if done % cfg.checkpoint_every == 0 or self.step in (total, cfg.coarse):
-                    self.reporter.checkpoint(self.step, self.save(ckpt_dir / f"step-{self.step:06d}"))
+                    self._checkpoint(ckpt_dir)
         if stopped and self.is_main:
-            self.reporter.checkpoint(self.step, self.save(ckpt_dir / f"step-{self.step:06d}"))
+            self._checkpoint(ckpt_dir)
         if not stopped and self.ema is not None:  # the finished student is its EMA (what is exported)
             with torch.no_grad():
                 torch._foreach_copy_(self.student_params, self.ema)
@@ -631,6 +632,12 @@ class CollectionDistiller:
             "cache_version": self.cache.version,
         }
         return tensors, meta
+
+    def _checkpoint(self, ckpt_dir: Path) -> None:
+        """Save this step's checkpoint, report it, then drop the oldest beyond ``keep_checkpoints``."""
+        self.reporter.checkpoint(self.step, self.save(ckpt_dir / f"step-{self.step:06d}"))
+        if self.cfg.keep_checkpoints is not None:
+            prune_checkpoints(ckpt_dir, self.cfg.keep_checkpoints)
 
     def save(self, path: Path) -> Path:
         tensors, meta = self.state_tensors()

@@ -71,6 +71,8 @@ def test_find_and_prune_step_folders(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         load_checkpoint(tmp_path / "step-000012")
 
+    prune_checkpoints(tmp_path, keep=5)  # fewer than it keeps: all stay
+    assert len(list_checkpoints(tmp_path)) == 3
     prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000004", "step-000010"]
     assert (tmp_path / "step-000012").exists()  # only complete checkpoints are pruned

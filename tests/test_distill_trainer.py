@@ -11,6 +11,7 @@ import distill.trainer as trainer_mod
 from distill.backbones import adapters
 from distill.backbones.tiny import TinyConfig, TinyEditor
 from distill.callbacks import NullReporter
+from distill.checkpointing import list_checkpoints
 from distill.config import DistillConfig
 from distill.simulation import rollout_x0s
 from distill.targets import EffectSpec
@@ -360,6 +361,24 @@ def test_a_checkpoint_student_loads_as_it_would_be_exported(tmp_path: Path) -> N
     assert got["transformer_blocks.0.attn.to_q.lora_A"].shape[0] == 6  # the run's rank, from its config
     for k, v in want.items():
         torch.testing.assert_close(got[k], v)
+
+
+def test_only_the_newest_checkpoints_stay_on_disk(tmp_path: Path) -> None:
+    rec = Recorder()
+    CollectionDistiller(
+        _backbone(), *_data(), _config(steps=5, checkpoint_every=1, keep_checkpoints=2), tmp_path / "a", rec
+    ).train()
+    assert rec.checkpoints == [1, 2, 3, 4, 5]  # every one reported as it was written
+    assert [p.name for p in list_checkpoints(tmp_path / "a" / "checkpoints")] == [
+        "step-000004",
+        "step-000005",
+    ]
+    CollectionDistiller(
+        _backbone(), *_data(), _config(steps=3, checkpoint_every=1, keep_checkpoints=None), tmp_path / "b"
+    ).train()
+    assert len(list_checkpoints(tmp_path / "b" / "checkpoints")) == 3  # None: every one kept
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        _config(keep_checkpoints=0)
 
 
 def test_cosine_lr_and_the_ema_student(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

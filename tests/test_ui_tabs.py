@@ -27,8 +27,8 @@ from studio.ui import deploy_tab, distill_tab, evaluate_tab, preview_tab, runs_v
 
 A, B, C = "sepia", "cool_blue", "night_vision"  # EffectBench-mini effects: exact ground truth exists
 FAST_DISTILL = (
-    '{"batch": 2, "target_steps": 2, "target_general_sources": 1, "checkpoint_every": 1, '
-    '"sample_every": 1, "student_steps": 2, "student_lora": {"rank": 4, "alpha": 4.0}, '
+    '{"batch": 2, "coarse_ratio": 6.0, "target_steps": 2, "target_general_sources": 1, '
+    '"checkpoint_every": 1, "sample_every": 1, "student_steps": 2, "student_lora": {"rank": 4, "alpha": 4.0}, '
     '"fake_lora": {"rank": 4, "alpha": 4.0}}'
 )
 FAST_TEACHER = '{"batch": 2, "sample_every": 1, "sample_n": 1, "sample_steps": 2, "checkpoint_every": 1}'

@@ -25,8 +25,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-g
 RUN_TIMEOUT_MS = 240_000  # a worker process imports torch + diffusers first: slow on a busy 2-core box
 TEACHER_SETTINGS = '{"batch": 2, "sample_every": 3, "sample_n": 2, "sample_steps": 2, "checkpoint_every": 3}'
 DISTILL_SETTINGS = (
-    '{"batch": 2, "target_steps": 2, "target_general_sources": 1, "checkpoint_every": 1, '
-    '"sample_every": 1, "student_steps": 4, "student_lora": {"rank": 4, "alpha": 4.0}, '
+    '{"batch": 2, "coarse_ratio": 6.0, "target_steps": 2, "target_general_sources": 1, '
+    '"checkpoint_every": 1, "sample_every": 1, "student_steps": 4, "student_lora": {"rank": 4, "alpha": 4.0}, '
     '"fake_lora": {"rank": 4, "alpha": 4.0}}'
 )
 
@@ -142,7 +142,7 @@ def test_upload_train_distil_preview_export(flows_server, tmp_path):
             dprogress = page.locator("#distill-progress")
             expect(dprogress).to_contain_text("Run 2")
             expect(dprogress).to_contain_text("Done", timeout=RUN_TIMEOUT_MS)
-            expect(dprogress).to_contain_text("step 14 / 14")  # the tiny preset's coarse stage first
+            expect(dprogress).to_contain_text("step 14 / 14")  # the coarse stage first (6 per step)
             expect(page.locator("#distill-history")).to_contain_text("succeeded")
             expect(page.locator("#distill-samples img").first).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "flows-distill-done.png"), full_page=True)

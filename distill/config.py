@@ -82,8 +82,12 @@ class DistillConfig:
     ta_fm_extra: str = "same"
     dmd_ts_weight: float = 1.0
     dmd_bs_weight: float = 1.0
-    # real score: the teacher's true CFG (uncond + w * (cond - uncond))
+    # the teachers' true CFG (uncond + w * (cond - uncond)): their cached targets and the real score
     teacher_cfg: float = 4.0
+    # the real score's guidance in the DMD terms, where it differs from the targets' (None: teacher_cfg):
+    # DMD2 sets its real guidance apart; a guided x0 at the critic's high noise levels overshoots the
+    # guided sampler's outputs that TA-FM anchors to
+    real_cfg: float | None = None
     s_min: float = 0.02  # DMD2 samples noise levels in [2%, 98%]
     s_max: float = 0.98
     # teacher target cache: the teachers' own multi-step CFG outputs y on source images
@@ -126,6 +130,8 @@ class DistillConfig:
             raise ValueError("ta_fm_timesteps must be 'logit_normal', 'uniform' or 'student'")
         if self.ta_fm_batch is not None and self.ta_fm_batch < 1:
             raise ValueError("ta_fm_batch must be >= 1 (or unset: the batch)")
+        if self.real_cfg is not None and self.real_cfg <= 0:
+            raise ValueError("real_cfg must be > 0 (or unset: teacher_cfg)")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be >= 1 (or unset: keep every checkpoint)")
         if self.coarse_ratio < 0:
@@ -172,6 +178,11 @@ class DistillConfig:
             return 1.0
         cos = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
         return self.lr_min_ratio + (1.0 - self.lr_min_ratio) * cos
+
+    @property
+    def real_guidance(self) -> float:
+        """The real score's CFG scale in the DMD terms."""
+        return self.teacher_cfg if self.real_cfg is None else self.real_cfg
 
     @property
     def s_gen_max(self) -> float:

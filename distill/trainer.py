@@ -238,7 +238,7 @@ class CollectionDistiller:
             "c_fake": c_student,  # the critic models the student's distribution under its own condition
             "student": self._velocity([STUDENT], c_student),
             "fake": self._velocity([FAKE], c_student),
-            "real": self._velocity(teacher, c_teacher, uncond, self.cfg.teacher_cfg),
+            "real": self._velocity(teacher, c_teacher, uncond, self.cfg.real_guidance),
         }
 
     def _general_batch(self) -> dict[str, Any]:
@@ -252,7 +252,7 @@ class CollectionDistiller:
             "c_fake": c,
             "student": self._velocity([STUDENT], c),
             "fake": self._velocity([FAKE], c),
-            "real": self._velocity(None, c, uncond, self.cfg.teacher_cfg),
+            "real": self._velocity(None, c, uncond, self.cfg.real_guidance),
             "shape": (b, *src.shape[1:]),
         }
 

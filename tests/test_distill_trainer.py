@@ -144,6 +144,28 @@ def test_target_simulation_respects_tau_bounds(tmp_path: Path, monkeypatch: pyte
     assert min(seen["critic"]) > 0.8 and max(seen["critic"]) <= cfg.s_max
 
 
+@pytest.mark.parametrize("real_cfg", [None, 1.5])
+def test_the_real_score_takes_its_own_guidance_when_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_cfg: float | None
+) -> None:
+    scales: list[float] = []
+    guided = trainer_mod.guided_velocity
+
+    def spy(bb, x, s, cond, uncond=None, cfg_scale=1.0, renorm=True):
+        if uncond is not None:  # the real score: the only guided velocity the trainer builds
+            scales.append(cfg_scale)
+        return guided(bb, x, s, cond, uncond, cfg_scale, renorm)
+
+    monkeypatch.setattr(trainer_mod, "guided_velocity", spy)
+    cfg = _config(steps=2, teacher_cfg=3.0, real_cfg=real_cfg)
+    d = CollectionDistiller(_backbone(), *_data(), cfg, tmp_path)
+    d.train()
+    assert scales and set(scales) == {3.0 if real_cfg is None else 1.5}
+    assert d.cache.cfg == 3.0  # the teachers' targets keep their own guidance
+    with pytest.raises(ValueError, match="real_cfg"):
+        _config(real_cfg=0.0)
+
+
 def test_ablation_switches_drop_their_losses(tmp_path: Path) -> None:
     rec = Recorder()
     cfg = _config(p_switch=1.0, ta_fm=False, target_simulation=False, aop=False, steps=2)

@@ -239,13 +239,18 @@ class DistillConfig:
             # 10 effects gain ~0.3-0.6 dB per 1000 coarse steps up to 8000 (22.1 dB), while the first few
             # hundred full steps cost 1-1.5 dB (recovered only after ~1000): per minute of CPU the coarse
             # stage buys the fidelity. Session 10: ~1000 coarse steps per effect (32 per full step) and a
-            # short full objective (250 steps at 8 effects) in ~35 min for 8 effects.
+            # short full objective (250 steps at 8 effects). 10 effects from the same coarse end (22.54 dB
+            # / BCR 0.23), 320 full steps: student lr 5e-4 21.37 / 0.24, 1e-4 21.96 / 0.23 (the paper's);
+            # with the real score unguided in the DMD terms (real_cfg 1) 22.41 / 0.21 (real_cfg 2: 22.33 /
+            # 0.21): the CFG-4 real score's x0 overshoots the guided targets TA-FM anchors to (pastel
+            # 33.3 -> 27.8 dB at lr 1e-4 with it, 33.5 without; results/recipe_tiny.md, session 10).
             base: dict[str, Any] = dict(
                 steps=250,
                 coarse_ratio=32.0,
                 coarse_lr=2e-3,
                 coarse_lr_schedule="cosine",
-                lr_student=5e-4,
+                lr_student=1e-4,
+                real_cfg=1.0,
                 lr_fake=2e-3,
                 batch=2,
                 micro_batches=1,

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from distill.backbones import adapters  # noqa: E402
 from distill.backbones.tiny import TinyConfig, TinyEditor  # noqa: E402
 from distill.callbacks import NullReporter, TqdmReporter  # noqa: E402
+from distill.checkpointing import latest_checkpoint  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
 from distill.effectbench.bench import BenchSpec, ground_truth, test_sources, train_scene  # noqa: E402
 from distill.effectbench.effects import EFFECTS, MAIN_BENCH  # noqa: E402
@@ -169,7 +170,8 @@ def distill_adapter(
     def train() -> None:
         run = s.work / "runs" / adapter
         run.mkdir(parents=True, exist_ok=True)
-        (run / "started.json").write_text(json.dumps({"t": time.time()}))  # for --curve's minutes
+        if not latest_checkpoint(run / "checkpoints"):  # a resumed run keeps its start, for --curve's minutes
+            (run / "started.json").write_text(json.dumps({"t": time.time()}))
         if s.processes > 1 and init is None:
             launch_distill(s, run, effects, cfg)
             adapters.load_lora(s.bb.transformer, run / "student.safetensors", adapter)

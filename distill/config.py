@@ -234,13 +234,11 @@ class DistillConfig:
             # 20.72 / 0.39 (at coarse lr 4e-3: 20.97 / 0.38) against the constant lr's 20.49 / 0.38; an
             # EMA of 0.995 20.58, coarse lr 1e-3 20.08, rank 64 no better per step and 24% slower
             # (results/recipe_tiny.md). The coarse stage is still gaining at 3000 steps: steps, not the
-            # lr's noise, are what it lacks, hence ``budget_steps``. Two effects on TA-FM alone match their
-            # teachers (35.9 dB at 8 NFE against 35.5 / 36.6 at 80) after ~1000 coarse steps per effect;
-            # 10 effects gain ~0.3-0.6 dB per 1000 coarse steps up to 8000 (22.1 dB), while the first few
-            # hundred full steps cost 1-1.5 dB (recovered only after ~1000): per minute of CPU the coarse
-            # stage buys the fidelity. Session 10: ~1000 coarse steps per effect (32 per full step) and a
-            # short full objective (250 steps at 8 effects). 10 effects from the same coarse end (22.54 dB
-            # / BCR 0.23), 320 full steps: student lr 5e-4 21.37 / 0.24, 1e-4 21.96 / 0.23 (the paper's);
+            # lr's noise, are what it lacks, hence ``budget_steps``.
+            # Session 10: per minute of CPU the coarse stage buys the fidelity (two effects on TA-FM alone
+            # match their teachers after ~1000 coarse steps each: 35.9 dB at 8 NFE against 35.5 / 36.6 at
+            # 80), so ~1000 coarse steps per effect (32 per full step) and a short full objective (250
+            # steps at 8 effects). From one 10-effect coarse end (22.54 dB / BCR 0.23), 320 full steps: student lr 5e-4 21.37 / 0.24, 1e-4 21.96 / 0.23 (the paper's);
             # with the real score unguided in the DMD terms (real_cfg 1) 22.41 / 0.21 (real_cfg 2: 22.33 /
             # 0.21): the CFG-4 real score's x0 overshoots the guided targets TA-FM anchors to (pastel
             # 33.3 -> 27.8 dB at lr 1e-4 with it, 33.5 without; results/recipe_tiny.md, session 10).

@@ -88,6 +88,7 @@ class SystemResult:
     per_effect: dict[str, Summary]
     scores: list[ImageScore]
     outputs: dict[str, np.ndarray]  # effect -> (N, H, W, 3) outputs, for grids
+    requested: list[str]  # each score's effect, in the order of ``scores``
 
 
 def ground_truths(entries: list[EffectEntry], scenes: list[Scene], size: int) -> dict[str, np.ndarray]:
@@ -155,7 +156,14 @@ def evaluate_system(
             progress(k + 1, len(entries))
     n_img = max(1, len(scores))
     return SystemResult(
-        system.name, system.nfe, seconds / n_img, summarize(scores, requested), per_effect, scores, outputs
+        system.name,
+        system.nfe,
+        seconds / n_img,
+        summarize(scores, requested),
+        per_effect,
+        scores,
+        outputs,
+        requested,
     )
 
 

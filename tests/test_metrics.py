@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from distill.metrics import psnr, score, subject_consistency, summarize
+from distill.metrics import paired_gap, psnr, score, subject_consistency, summarize
 
 
 def _img(seed: int) -> np.ndarray:
@@ -46,3 +47,36 @@ def test_consistency_ignores_palette_but_not_structure() -> None:
     other = np.roll(a, 9, axis=1)
     assert subject_consistency(recoloured, a) > 0.9
     assert subject_consistency(other, a) < 0.6
+
+
+def test_paired_gap_interval_covers_a_true_shift_and_excludes_zero_only_when_it_should() -> None:
+    rng = np.random.default_rng(1)
+    groups = [g for g in ("sepia", "glitch", "swirl") for _ in range(40)]
+    # per-effect levels far apart (what an unpaired comparison would drown in), paired noise small
+    base = [{"sepia": 35.0, "glitch": 22.0, "swirl": 15.0}[g] + rng.normal(0, 3) for g in groups]
+    shifted = [b - 0.5 + rng.normal(0, 0.3) for b in base]
+    g = paired_gap(shifted, base, groups)
+    assert g.n == 120 and g.level == 0.95
+    assert g.mean == pytest.approx(np.mean(np.subtract(shifted, base)))
+    assert g.low < -0.5 < g.high and g.high < 0  # the true shift inside, zero outside
+    same = [b + rng.normal(0, 0.3) for b in base]
+    h = paired_gap(same, base, groups)
+    assert h.low < 0 < h.high
+    assert paired_gap(shifted, base, groups) == g  # seeded: the same interval every run
+
+
+def test_paired_gap_resamples_within_effects() -> None:
+    # one effect 10 dB worse on every image, the other equal: each draw keeps both effects' images in
+    # proportion, so the interval has no width; resampling across effects would give it some
+    groups = ["a"] * 10 + ["b"] * 10
+    base = [20.0] * 20
+    other = [10.0] * 10 + [20.0] * 10
+    g = paired_gap(other, base, groups, draws=200)
+    assert g.mean == g.low == g.high == -5.0
+
+
+def test_paired_gap_rejects_unpaired_lists() -> None:
+    with pytest.raises(ValueError, match="equal"):
+        paired_gap([1.0, 2.0], [1.0], ["a", "a"])
+    with pytest.raises(ValueError, match="non-empty"):
+        paired_gap([], [], [])

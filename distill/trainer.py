@@ -22,10 +22,11 @@ run continues the same trajectory.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ from .objectives import VelocityFn, critic_loss, dmd_step, flow_matching_loss
 from .sampling import euler_sample, guided_velocity
 from .simulation import backward_simulation, exit_step_x0, rollout, target_simulation
 from .targets import EffectSpec, TargetCache, cached_base_outputs
+
+log = logging.getLogger(__name__)
 
 STUDENT, FAKE = "student", "fake"
 # a coarse-stage step (one student forward and backward on ta_fm_batch targets) against a full one
@@ -154,6 +157,7 @@ class CollectionDistiller:
         self._general_targets: torch.Tensor | None = None  # the coarse stage's general anchors
         # the micro-batch draws of the current step's critic pools, which its generator update reuses
         self._draws: list[tuple[str, dict[str, Any]]] | None = None
+        self._compile = config.compiles_coarse  # off for the rest of the run if compiling fails
 
     # -- adapters and scores ---------------------------------------------------------------------
     def _load_adapter(self, name: str, sd: dict[str, torch.Tensor]) -> None:
@@ -437,6 +441,16 @@ class CollectionDistiller:
         own edits of general images (its teacher is the base), which keeps general editing while the
         effects are learned. No critic update precedes it: nothing reads the fake score until the
         full objective starts."""
+        if not self._compile:
+            return self._coarse_update()
+        try:
+            return self._coarse_update()
+        except Exception as e:  # no C++ compiler here, an op inductor cannot lower, ...: run eagerly
+            log.warning("torch.compile failed (%s: %s); the coarse stage runs eagerly", type(e).__name__, e)
+            self._compile = False
+            return self._coarse_update()
+
+    def _coarse_update(self) -> dict[str, float]:
         cfg = self.cfg
         self.opt_g.zero_grad(set_to_none=True)
         n = cfg.ta_fm_batch or cfg.batch
@@ -449,8 +463,9 @@ class CollectionDistiller:
                 picks, y, cond = self._general_anchor_targets(n)
                 key = "ta_fm_general"
             y = y.to(self.bb.device, self.bb.dtype)
-            loss = cfg.ta_fm_weight * self._ta_fm_loss(self._velocity([STUDENT], cond), y, picks)
-            (loss / cfg.micro_batches).backward()
+            with self.bb.compiled() if self._compile else nullcontext():
+                loss = cfg.ta_fm_weight * self._ta_fm_loss(self._velocity([STUDENT], cond), y, picks)
+                (loss / cfg.micro_batches).backward()
             losses[key].append(loss.item())
         self._sync(self.student_params)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student_params, cfg.grad_clip))

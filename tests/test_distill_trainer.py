@@ -574,3 +574,56 @@ def test_a_run_stopped_in_the_coarse_stage_resumes_into_the_same_trajectory(tmp_
     got = adapter_params(second.tr, "student")
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6)
+
+
+def test_compile_coarse_defaults_to_long_coarse_stages_only() -> None:
+    assert not _config(coarse_ratio=10.0, steps=100).compiles_coarse  # 1000 coarse steps: not worth it
+    assert _config(coarse_ratio=20.0, steps=100).compiles_coarse
+    assert not _config(coarse_ratio=20.0, steps=100, compile_coarse=False).compiles_coarse
+    assert _config(coarse_ratio=1.0, steps=2, compile_coarse=True).compiles_coarse
+    assert not _config(coarse_ratio=0.0, compile_coarse=True).compiles_coarse  # no coarse stage
+
+
+def test_compiled_coarse_steps_update_the_student_as_eager_ones_do(tmp_path: Path) -> None:
+    """The compiled TA-FM call is the same computation: from one state, with one RNG, two coarse
+    steps land on the same student; the full objective after them runs eagerly."""
+    students = []
+    for compiled in (False, True):
+        cfg = _config(coarse_ratio=1.0, steps=2, p_switch=0.5, compile_coarse=compiled, critic_updates=1)
+        bb = _backbone()
+        d = CollectionDistiller(bb, *_data(), cfg, tmp_path / str(compiled))
+        calls = {"compiled": 0}
+        real = bb.compiled
+
+        def counting(real=real, calls=calls):
+            calls["compiled"] += 1
+            return real()
+
+        bb.compiled = counting
+        d.train()
+        assert calls["compiled"] == (2 if compiled else 0)  # the two coarse steps' micro-batches only
+        assert not bb._use_compiled
+        students.append([p.detach().clone() for p in d.student_params])
+    for a, b in zip(*students, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_a_failing_compile_falls_back_to_eager_for_the_rest_of_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _config(coarse_ratio=1.5, steps=2, p_switch=1.0, compile_coarse=True, critic_updates=1)
+    bb = _backbone()
+    d = CollectionDistiller(bb, *_data(), cfg, tmp_path)
+    tries = {"n": 0}
+
+    def broken():
+        tries["n"] += 1
+        raise RuntimeError("no C++ compiler")
+
+    bb.compiled = broken
+    student0 = [p.detach().clone() for p in d.student_params]
+    with caplog.at_level("WARNING", logger="distill.trainer"):
+        result = d.train()
+    assert result.steps == cfg.total_steps == 5 and tries["n"] == 1  # tried once, then eager
+    assert "runs eagerly" in caplog.text and "no C++ compiler" in caplog.text
+    assert any(not torch.equal(a, b) for a, b in zip(student0, d.student_params, strict=True))

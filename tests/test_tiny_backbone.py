@@ -47,3 +47,20 @@ def test_frozen_text_cache_equals_direct_encoding() -> None:
     torch.testing.assert_close(mask, tok["attention_mask"])
     torch.testing.assert_close(cached * mask[..., None], direct * mask[..., None], atol=1e-5, rtol=1e-5)
     assert len(e._text_cache) == 3
+
+
+def test_padded_text_changes_no_prediction_and_compiled_calls_pad_to_buckets() -> None:
+    from distill.backbones.base import TEXT_BUCKET
+
+    bb = TinyEditor.random(TinyConfig(num_layers=1, num_heads=2, head_dim=16, text_dim=32, text_layers=1))
+    bb.freeze()
+    src = torch.rand(2, 3, 32, 32) * 2 - 1
+    cond = bb.encode_prompt(["Sepia.", "Make it a pop-art grid of four copies."], src)
+    x, s = torch.randn(2, 3, 32, 32), torch.rand(2)
+    with torch.no_grad():
+        a = bb.predict_velocity(x, s, cond)
+        b = bb.predict_velocity(x, s, cond.padded(cond.embeds.shape[1] + 21))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert bb._text_for_call(cond) is cond  # eager calls keep the text as it is
+    bb._use_compiled = True
+    assert bb._text_for_call(cond).embeds.shape[1] % TEXT_BUCKET == 0

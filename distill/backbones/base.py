@@ -9,7 +9,10 @@ tensors (B, 3, H, W) in [-1, 1]; latents are (B, C, h, w).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,20 +44,30 @@ class Condition:
     def detach(self) -> Condition:
         return Condition(self.embeds.detach(), self.mask.detach(), self.source_latents.detach())
 
+    def padded(self, length: int) -> Condition:
+        """The text padded (masked zeros) to ``length`` tokens."""
+        extra = length - self.embeds.shape[1]
+        if extra <= 0:
+            return self
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)
+
+        return Condition(pad(self.embeds), pad(self.mask), self.source_latents)
+
     @staticmethod
     def cat(conds: list[Condition]) -> Condition:
         """Concatenate along the batch, padding the text to the longest."""
         length = max(c.embeds.shape[1] for c in conds)
-
-        def pad(t: torch.Tensor) -> torch.Tensor:
-            extra = length - t.shape[1]
-            return t if extra == 0 else torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)
-
+        conds = [c.padded(length) for c in conds]
         return Condition(
-            torch.cat([pad(c.embeds) for c in conds]),
-            torch.cat([pad(c.mask) for c in conds]),
+            torch.cat([c.embeds for c in conds]),
+            torch.cat([c.mask for c in conds]),
             torch.cat([c.source_latents for c in conds]),
         )
+
+
+TEXT_BUCKET = 32
 
 
 class Backbone(ABC):
@@ -65,6 +78,8 @@ class Backbone(ABC):
     schedule: ScheduleConfig
     image_size: int  # default working resolution (square side, pixels)
     negative_prompt: str = " "  # the unconditional prompt of true CFG (the Qwen pipelines use " ")
+    _compiled: Any = None  # torch.compile of the transformer, made on the first ``compiled()``
+    _use_compiled: bool = False
 
     @property
     @abstractmethod
@@ -93,6 +108,29 @@ class Backbone(ABC):
     @abstractmethod
     def image_seq_len(self, latents_shape: tuple[int, ...]) -> int:
         """Number of target-image tokens, which sets the dynamic schedule shift."""
+
+    @contextmanager
+    def compiled(self) -> Iterator[None]:
+        """Inside the block ``predict_velocity`` runs the transformer through ``torch.compile``
+        (compiled on first use, then kept; it wraps the same module, so adapters switch as usual)."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self.transformer)
+        before, self._use_compiled = self._use_compiled, True
+        try:
+            yield
+        finally:
+            self._use_compiled = before
+
+    def _transformer_call(self) -> Callable[..., Any]:
+        return self._compiled if self._use_compiled else self.transformer
+
+    def _text_for_call(self, cond: Condition) -> Condition:
+        """Compiled calls see the text padded to a multiple of TEXT_BUCKET tokens: a few shapes to
+        compile instead of one per prompt length (padding is masked: the output is the same)."""
+        if not self._use_compiled:
+            return cond
+        n = cond.embeds.shape[1]
+        return cond.padded(-(-n // TEXT_BUCKET) * TEXT_BUCKET)
 
     def guidance_norm(self, v: torch.Tensor) -> torch.Tensor:
         """The norm true CFG rescales by: per token, as the pipeline sees the latents. Here one

@@ -230,6 +230,7 @@ class QwenImageEditBackbone(Backbone):
         return per_pixel.permute(0, 3, 1, 4, 2, 5).reshape(b, 1, h, w)
 
     def predict_velocity(self, x_s: torch.Tensor, s: torch.Tensor, cond: Condition) -> torch.Tensor:
+        cond = self._text_for_call(cond)
         b, _, h, w = x_s.shape
         dtype = self.dtype
         src = cond.source_latents.to(self.device, dtype)
@@ -239,7 +240,7 @@ class QwenImageEditBackbone(Backbone):
         s = s.expand(b) if s.numel() == 1 else s
         # As the pipeline does: no mask when every text token is real (lets fused attention run).
         mask = None if bool(cond.mask.all()) else cond.mask.to(self.device)
-        out = self.transformer(
+        out = self._transformer_call()(
             hidden_states=tokens,
             timestep=s,
             encoder_hidden_states=cond.embeds.to(self.device, dtype),

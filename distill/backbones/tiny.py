@@ -215,6 +215,7 @@ class TinyEditor(Backbone):
         return (latents_shape[-2] // p) * (latents_shape[-1] // p)
 
     def predict_velocity(self, x_s: torch.Tensor, s: torch.Tensor, cond: Condition) -> torch.Tensor:
+        cond = self._text_for_call(cond)
         p = self.config.patch_size
         b, _, h, w = x_s.shape
         src = cond.source_latents
@@ -222,7 +223,7 @@ class TinyEditor(Backbone):
         shape = (1, h // p, w // p)
         src_shape = (1, src.shape[-2] // p, src.shape[-1] // p)
         s = s.to(x_s.dtype).reshape(-1).expand(b) if s.numel() == 1 else s.to(x_s.dtype)
-        out = self.transformer(
+        out = self._transformer_call()(
             hidden_states=tokens,
             encoder_hidden_states=cond.embeds,
             encoder_hidden_states_mask=cond.mask,

@@ -530,7 +530,7 @@ def main() -> None:
     scenes = test_sources("animal", args.test_per_category) + test_sources("portrait", args.test_per_category)
     truths = ground_truths(entries, scenes, s.bb.image_size)
     systems = [
-        teacher_system(),
+        teacher_system(s.bb.teacher_cfg),
         stacked_system("Base+Lightning", True, ""),
         stacked_system("FM+Lightning", False, "fm_all"),
         student_system(adapter="ours"),
@@ -580,7 +580,7 @@ def main() -> None:
     if len(names) >= 2:
         a, b = ours_entry[names[0]], ours_entry[names[1]]
         comp = []
-        for sysm in (student_system(adapter="ours"), teacher_system()):
+        for sysm in (student_system(adapter="ours"), teacher_system(s.bb.teacher_cfg)):
             p, _ = evaluate_composition(s.bb, sysm, a, b, scenes[: min(8, len(scenes))])
             comp.append(f"| {sysm.name} | {a.name} then {b.name} | {p:.2f} |")
         md += [

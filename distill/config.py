@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .backbones.adapters import LoraSpec
+from .backbones.tiny import TinyConfig
 from .settings import checked_settings
 
 # coarse steps from which ``compile_coarse`` None compiles: its compile time back at ~25 ms a step
@@ -262,6 +263,7 @@ class DistillConfig:
             # / 0.23 on 8 sources); the full objective at student lr 1e-4 then dips to 22.16 and ends at
             # 22.76, at 3e-5 it keeps 23.15 / 0.21 (results/table1_10fx10.md, recipe_tiny.md).
             base: dict[str, Any] = dict(
+                teacher_cfg=TinyConfig.teacher_cfg,  # its teachers' own scale (see TinyConfig)
                 steps=250,
                 coarse_ratio=64.0,
                 coarse_lr=2e-3,

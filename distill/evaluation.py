@@ -56,7 +56,8 @@ class System:
         return self.steps * (2 if self.cfg > 1.0 else 1)
 
 
-def teacher_system(steps: int = 40, cfg: float = 4.0) -> System:
+def teacher_system(cfg: float, steps: int = 40) -> System:
+    """The teachers as deployed: ``steps`` x true CFG ``cfg`` (``Backbone.teacher_cfg``)."""
     return System(
         "Base",
         lambda e: [e.teacher_adapter] if e.teacher_adapter else None,

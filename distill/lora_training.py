@@ -77,7 +77,7 @@ class LoraTrainConfig:
     sample_every: int = 250  # 0: no preview grids
     sample_n: int = 4
     sample_steps: int = 20
-    sample_cfg: float = 4.0
+    sample_cfg: float | None = None  # None: the backbone's teacher CFG
     gradient_checkpointing: bool = False
 
     @classmethod
@@ -461,7 +461,7 @@ def train_lora(
                     data,
                     config.sample_n,
                     config.sample_steps,
-                    config.sample_cfg,
+                    backbone.teacher_cfg if config.sample_cfg is None else config.sample_cfg,
                     config.seed,
                 )
                 metrics["sample_psnr"] = sample_psnr

@@ -26,7 +26,6 @@ from .images import psnr, resize, to_numpy, to_tensor
 from .sampling import euler_sample
 
 TEACHER_STEPS = 40  # Qwen-Image-Edit-2509's model card
-TEACHER_CFG = 4.0  # true_cfg_scale of the pipeline
 
 
 @dataclass
@@ -83,13 +82,14 @@ def generate(
     sources: torch.Tensor,
     *,
     steps: int = TEACHER_STEPS,
-    cfg: float = TEACHER_CFG,
+    cfg: float | None = None,
     seed: int = 0,
     batch: int = 16,
 ) -> tuple[torch.Tensor, float, int]:
     """The teacher's (or with ``adapter_name=None`` the base model's) edits of ``sources``: images at the
-    working resolution, sampling seconds, NFE per image. Batch ``i`` uses noise seed ``seed + i``, so
-    teacher and base see the same noise."""
+    working resolution, sampling seconds, NFE per image (``cfg`` None: the backbone's teacher CFG).
+    Batch ``i`` uses noise seed ``seed + i``, so teacher and base see the same noise."""
+    cfg = backbone.teacher_cfg if cfg is None else cfg
     src = backbone.prepare_images(sources).to(backbone.device, backbone.dtype)
     outs, seconds, nfe = [], 0.0, 0
     with adapters.using(backbone.transformer, [adapter_name] if adapter_name else []):
@@ -119,7 +119,7 @@ def evaluate_edits(
     *,
     effect: str = "",
     steps: int = TEACHER_STEPS,
-    cfg: float = TEACHER_CFG,
+    cfg: float | None = None,
     seed: int = 0,
     batch: int = 16,
 ) -> TeacherEval:
@@ -145,7 +145,7 @@ def evaluate_teacher(
     teacher_prompt: str,
     sources: Sequence[Scene],
     steps: int = TEACHER_STEPS,
-    cfg: float = TEACHER_CFG,
+    cfg: float | None = None,
     seed: int = 0,
     batch: int = 16,
 ) -> TeacherEval:

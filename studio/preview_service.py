@@ -40,7 +40,7 @@ from distill.evaluation import (
 from distill.export import Catalog, CatalogEntry, CatalogError, compose_prompt, read_catalog
 from distill.images import to_tensor
 from distill.serving import BANK_PREFIX, BankEntry, LoraBankEditor
-from distill.teachers import TEACHER_CFG, TEACHER_STEPS
+from distill.teachers import TEACHER_STEPS
 from storage import Evaluation, LoraFile, LoraKind, Run, RunKind, RunStatus
 
 from . import library, teachers_service
@@ -277,10 +277,10 @@ def preview(
     seed: int = 0,
     truth: np.ndarray | None = None,
     teacher_steps: int = TEACHER_STEPS,
-    teacher_cfg: float = TEACHER_CFG,
+    teacher_cfg: float | None = None,
 ) -> PreviewResult:
     """The student of ``run_id`` on one effect or a composition of two (A then B), beside the
-    teacher(s) (``teacher_steps`` x CFG ``teacher_cfg``) and Base+Lightning where a Lightning LoRA
+    teacher(s) (``teacher_steps`` x CFG ``teacher_cfg``, None: the backbone's) and Base+Lightning where a Lightning LoRA
     exists. ``truth`` (an exact expected output) is shown when given."""
     effects = [e for e in effects if e]
     if len(effects) not in (1, 2) or len(set(effects)) != len(effects):
@@ -325,7 +325,7 @@ def preview(
                         lambda _e, t=tuple(teachers): list(t),
                         lambda e: e.teacher_prompt,
                         teacher_steps,
-                        teacher_cfg,
+                        bb.teacher_cfg if teacher_cfg is None else teacher_cfg,
                     ),
                     entry.teacher_prompt,
                 )

@@ -30,7 +30,7 @@ from distill.effectbench.effects import get_effect as get_bench_effect
 from distill.effectbench.scenes import CATEGORIES
 from distill.images import resize, to_tensor
 from distill.lora_training import LoraTrainConfig, TrainPair, TrainResult, train_lora
-from distill.teachers import TEACHER_CFG, TEACHER_STEPS, TeacherEval, evaluate_edits, ground_truths
+from distill.teachers import TEACHER_STEPS, TeacherEval, evaluate_edits, ground_truths
 from storage import Effect, Evaluation, LoraFile, LoraKind, Prompt, RunKind, TeacherSource
 
 from . import library
@@ -355,7 +355,7 @@ def evaluate(
     backbone: Backbone | None = None,
     n_per_category: int = 8,
     steps: int = TEACHER_STEPS,
-    cfg: float = TEACHER_CFG,
+    cfg: float | None = None,
     seed: int = 0,
     run_id: int | None = None,
 ) -> TeacherComparison:
@@ -368,6 +368,7 @@ def evaluate(
     effect = _effect(studio, effect_name)
     lora = teacher_for(studio, effect_name)
     backbone = backbone or open_backbone(studio)
+    cfg = backbone.teacher_cfg if cfg is None else cfg
     name = load_teacher(studio, backbone, effect_name)
     prompt = library.get_effect(studio, effect_name).teacher_prompt
     try:

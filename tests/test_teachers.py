@@ -341,3 +341,20 @@ def test_background_run_trains_and_registers(studio: Studio, tmp_path: Path, mon
     assert view.metrics["lora_file_id"] == lora.id
     assert [s for s, _ in runs.metric_series(st, run_id, "loss")] == [1, 2, 3, 4]
     assert os.path.isdir(view.checkpoint.path)
+
+
+def test_teachers_sample_at_their_backbones_cfg_everywhere_by_default() -> None:
+    """One fact: the tiny backbone's teacher CFG is what teacher sampling, the distillation preset's
+    targets and a Qwen-sized backbone's default (the pipeline's 4.0) each take."""
+    from distill.backbones.base import Backbone
+    from distill.config import DistillConfig
+
+    bb = TinyEditor.random(TinyConfig(num_layers=1, num_heads=2, head_dim=16, text_dim=32, text_layers=1))
+    bb.freeze()
+    assert bb.teacher_cfg == TinyConfig().teacher_cfg == DistillConfig.for_backbone("tiny").teacher_cfg
+    assert Backbone.teacher_cfg == 4.0 and bb.teacher_cfg != 4.0
+    src = torch.rand(2, 3, 32, 32) * 2 - 1
+    default, _, nfe = generate(bb, None, "Make it warmer.", src, steps=2)
+    same, _, _ = generate(bb, None, "Make it warmer.", src, steps=2, cfg=bb.teacher_cfg)
+    other, _, _ = generate(bb, None, "Make it warmer.", src, steps=2, cfg=4.0)
+    assert nfe == 4 and torch.equal(default, same) and not torch.equal(default, other)

@@ -78,6 +78,9 @@ class Backbone(ABC):
     schedule: ScheduleConfig
     image_size: int  # default working resolution (square side, pixels)
     negative_prompt: str = " "  # the unconditional prompt of true CFG (the Qwen pipelines use " ")
+    # the true-CFG scale teachers sample with (and the Base baseline, the distillation's targets):
+    # Qwen-Image-Edit pipelines' true_cfg_scale
+    teacher_cfg: float = 4.0
     _compiled: Any = None  # torch.compile of the transformer, made on the first ``compiled()``
     _use_compiled: bool = False
 

@@ -123,6 +123,16 @@ def teacher_name(effect: str) -> str:
     return "teacher_" + effect.replace("-", "_")
 
 
+def load_cached_teachers(bb: TinyEditor, work: Path, names: list[str]) -> None:
+    """The teachers an earlier run cached under ``work``, loaded frozen (exits naming a missing one)."""
+    for n in names:
+        f = work / "loras" / f"{teacher_name(n)}.safetensors"
+        if not f.exists():
+            sys.exit(f"no cached teacher for {n} under {work} (run bench/reproduce.py first)")
+        adapters.load_lora(bb.transformer, f, teacher_name(n))
+    adapters.set_trainable(bb.transformer, [])
+
+
 def train_teachers(s: Setup, names: list[str], steps: int | None) -> dict[str, float]:
     cfg = LoraTrainConfig.for_backbone("tiny", **({"steps": steps} if steps else {}), seed=s.seed)
     secs = {}

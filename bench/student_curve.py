@@ -23,7 +23,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.backbones import adapters  # noqa: E402
 from distill.backbones.tiny import TinyEditor  # noqa: E402
 from distill.callbacks import NullReporter  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
@@ -61,12 +60,7 @@ def main() -> None:
     bb = TinyEditor.from_pretrained()
     prompts = json.loads((args.work / "prompts.json").read_text())
     sp = {n: student_condition(prompts[n]["trigger"], prompts[n]["student_prompt"]) for n in names}
-    for n in names:
-        f = args.work / "loras" / f"{R.teacher_name(n)}.safetensors"
-        if not f.exists():
-            sys.exit(f"no cached teacher for {n} under {args.work} (run bench/reproduce.py first)")
-        adapters.load_lora(bb.transformer, f, R.teacher_name(n))
-    adapters.set_trainable(bb.transformer, [])
+    R.load_cached_teachers(bb, args.work, names)
     entries = [
         EffectEntry(n, next(e.teacher_prompt for e in EFFECTS if e.name == n), sp[n], R.teacher_name(n))
         for n in names

@@ -19,7 +19,6 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from distill.backbones import adapters  # noqa: E402
 from distill.backbones.tiny import TinyEditor  # noqa: E402
 from distill.effectbench.bench import test_sources  # noqa: E402
 from distill.effectbench.effects import get_effect  # noqa: E402
@@ -48,12 +47,7 @@ def main() -> None:
     torch.set_num_threads(1)
     bb = TinyEditor.from_pretrained()
     names = R.bench_effects(args.effects)
-    for n in names:
-        f = args.work / "loras" / f"{R.teacher_name(n)}.safetensors"
-        if not f.exists():
-            sys.exit(f"no cached teacher for {n} under {args.work} (run bench/reproduce.py first)")
-        adapters.load_lora(bb.transformer, f, R.teacher_name(n))
-    adapters.set_trainable(bb.transformer, [])
+    R.load_cached_teachers(bb, args.work, names)
     scenes = test_sources("animal", args.test_per_category) + test_sources("portrait", args.test_per_category)
     head = [f"{s} steps x CFG {c:g}" for s, c in args.settings]
     print("| effect | " + " | ".join(head) + " |\n|---" * (len(head) + 1) + "|", flush=True)

@@ -2,7 +2,7 @@
 
 A ``System`` is a way of producing an edit on the one backbone: which adapters are active (with
 weights), which prompt each effect gets, how many steps and what CFG. The paper's rows are systems:
-- Base:            [teacher_i], teacher prompt, 40 steps x CFG 4 (80 NFE)
+- Base:            [teacher_i], teacher prompt, 40 steps x the backbone's teacher CFG (80 NFE)
 - Base+Lightning:  [teacher_i, lightning], teacher prompt, 8 steps (8 NFE)
 - FM + Lightning:  [fm_all, lightning], teacher prompt, 8 steps
 - Ours:            [student], trigger + student prompt, 8 steps

@@ -87,7 +87,7 @@ MAX_VOTER_NAME = 200
 TOKEN_BYTES = 24  # secrets.token_urlsafe(24): 192 random bits, 32 URL-safe characters
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{20,64}")
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
-BASE_STEPS, BASE_CFG, FAST_STEPS = 40, 4.0, 8  # §5.1: 40 steps x CFG 4 teachers, 8-step accelerated
+BASE_STEPS, FAST_STEPS = 40, 8  # §5.1: 40-step CFG teachers (the backbone's scale), 8-step accelerated
 
 
 class StudyError(ValueError):
@@ -242,10 +242,14 @@ def resolve_systems(
     lightning: int | str | Path | None = None,
     fm: int | str | Path | None = None,
     base_steps: int = BASE_STEPS,
-    base_cfg: float = BASE_CFG,
+    base_cfg: float | None = None,
     fast_steps: int = FAST_STEPS,
 ) -> tuple[list[SystemSpec], list[str]]:
     """The systems as pinned specs, and every problem found (each with what fixes it)."""
+    if base_cfg is None:
+        from distill.backbones.registry import teacher_cfg
+
+        base_cfg = teacher_cfg(studio.config.backbone)
     specs: list[SystemSpec] = []
     problems: list[str] = []
     cache: dict[str, LoraRef] = {}
@@ -375,7 +379,7 @@ def create_study(
     lightning: int | str | Path | None = None,
     fm: int | str | Path | None = None,
     base_steps: int = BASE_STEPS,
-    base_cfg: float = BASE_CFG,
+    base_cfg: float | None = None,
     fast_steps: int = FAST_STEPS,
 ) -> int:
     """Check everything, pin it in a draft study, and queue the run that generates its images.

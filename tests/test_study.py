@@ -338,6 +338,13 @@ def test_study_gen_job_makes_blinded_candidates(tiny_studio: Studio, tmp_path: P
         ("Mine", "lora", ss.FAST_STEPS, None),
         ("student", "lora", 2, {"warm": "<warm_Xq1> Warm the colours.", "frame": "<frame_Xq2> Add a frame."}),
     ]
+    # the Base system samples at the backbone's teacher CFG unless the study says otherwise
+    from distill.backbones.tiny import TinyConfig
+
+    (base,), _ = ss.resolve_systems(studio, ["Base"], ["warm"])
+    (own,), _ = ss.resolve_systems(studio, ["Base"], ["warm"], base_cfg=3.5)
+    assert (base.kind, base.cfg, own.cfg) == ("base", TinyConfig.teacher_cfg, 3.5)
+    assert TinyConfig.teacher_cfg != 4.0  # not the Qwen pipeline's scale
     info = ss.get_study(studio, sid)
     assert info.status == "draft" and info.run_id == submitted[0] and info.planned_items == 4
     with studio.session() as s:

@@ -43,3 +43,14 @@ def load_backbone(
         dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
         return QwenImageEditBackbone.from_pretrained(model_path or HUB_ID, device=device, dtype=dtype)
     raise ValueError(f"Unknown backbone {name!r}. Choose one of: {', '.join(BACKBONES)}.")
+
+
+def teacher_cfg(name: str) -> float:
+    """The true-CFG scale a backbone's teachers sample at, without loading it."""
+    if name == "tiny":
+        from .tiny import TinyConfig
+
+        return TinyConfig.teacher_cfg
+    if name == "qwen-image-edit":
+        return Backbone.teacher_cfg
+    raise ValueError(f"Unknown backbone {name!r}. Choose one of: {', '.join(BACKBONES)}.")

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("effect")
     p.add_argument("--n", type=int, default=8, help="test sources per category (bench effects)")
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--cfg", type=float, default=None, help="true CFG (default: the backbone's teacher CFG)")
     p.set_defaults(handler=cmd_eval)
 
     p = tsub.add_parser("list", help="every effect and its teacher")
@@ -175,12 +175,13 @@ def cmd_import(args: argparse.Namespace, studio: Studio) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, studio: Studio) -> int:
+    from distill.backbones.registry import teacher_cfg
+
     from .. import teachers_service
 
-    res = teachers_service.evaluate(
-        studio, args.effect, n_per_category=args.n, steps=args.steps, cfg=args.cfg
-    )
-    print(f"'{args.effect}' on {res.on}, {args.steps} steps x CFG {args.cfg:g}:")
+    cfg = teacher_cfg(studio.config.backbone) if args.cfg is None else args.cfg
+    res = teachers_service.evaluate(studio, args.effect, n_per_category=args.n, steps=args.steps, cfg=cfg)
+    print(f"'{args.effect}' on {res.on}, {args.steps} steps x CFG {cfg:g}:")
     print("| system | PSNR mean (dB) | PSNR worst | SSIM mean | seconds |")
     print("|---|---|---|---|---|")
     for label, ev in (("teacher", res.teacher), ("base + same prompt", res.base)):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 from PIL import Image
 
+from distill.backbones.registry import teacher_cfg
 from distill.serving import ServingError
 from storage import BlobNotFoundError, BlobStoreError, DatabaseError
 
@@ -156,7 +157,8 @@ def notes_markdown(result: PreviewResult, effects: list[str]) -> str:
 def build(studio: Studio, app: gr.Blocks) -> None:
     """The tab's components and events (call inside ``with gr.Tab(...)``)."""
     gr.Markdown(
-        "The distilled student (8 steps) beside the teacher (40 steps × CFG 4) and baselines. "
+        f"The distilled student (8 steps) beside the teacher (40 steps × CFG {teacher_cfg(studio.config.backbone):g}) "
+        "and baselines. "
         "Pick two effects to try a composition the student never saw in training."
     )
     run_in = gr.Dropdown(choices=[], value=None, label="Finished distillation", elem_id="preview-run")

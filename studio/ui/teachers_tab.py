@@ -17,6 +17,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from distill.backbones.registry import teacher_cfg
 from distill.lora_training import LoraTrainConfig
 from storage import BlobNotFoundError, BlobStoreError, DatabaseError, RunKind
 
@@ -305,7 +306,8 @@ def build(studio: Studio, app: gr.Blocks) -> None:
     """The tab's components and events (call inside ``with gr.Tab(...)``)."""
     d = defaults(studio)
     gr.Markdown(
-        "Each effect needs a **teacher**: a LoRA that applies it (40 steps × CFG 4). Train one on the "
+        f"Each effect needs a **teacher**: a LoRA that applies it (40 steps × CFG {teacher_cfg(studio.config.backbone):g}). "
+        "Train one on the "
         "effect's pairs — it runs in the background, you can leave the page — or import a LoRA file."
     )
     active_md = gr.Markdown(elem_id="teachers-active")

@@ -262,6 +262,8 @@ class DistillConfig:
             # end the coarse stage at 23.19 dB / BCR 0.20 against the teachers' 23.35 / 0.225 (32: 22.54
             # / 0.23 on 8 sources); the full objective at student lr 1e-4 then dips to 22.16 and ends at
             # 22.76, at 3e-5 it keeps 23.15 / 0.21 (results/table1_10fx10.md, recipe_tiny.md).
+            # Session 12: with the teachers at CFG 2 (TinyConfig.teacher_cfg) the Base rises to 24.34 and
+            # Ours to 23.57 / 0.19, flat from coarse step 15,000 on (results/table1_10fx11.md).
             base: dict[str, Any] = dict(
                 teacher_cfg=TinyConfig.teacher_cfg,  # its teachers' own scale (see TinyConfig)
                 steps=250,

@@ -2,7 +2,7 @@
 
 For K EffectBench-mini effects (evenly spaced over the main bench; ``--all`` for all 50), train a
 teacher LoRA on the effect's 20 training pairs with the tiny preset, then sample it as the paper's
-teachers are sampled (40 Euler steps, true CFG 4.0) on held-out test sources and compare with the
+teachers are sampled (40 Euler steps, the backbone's true CFG) on held-out test sources and compare with the
 exact ground truth; the base model given the same teacher prompt (no LoRA, same noise) and the
 untouched source are the references. Prints a markdown table and writes it to results/teachers.md.
 
@@ -171,14 +171,15 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with log_file.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        write(args.out, header, rows, cfg, len(scenes), args, argv, "")  # partial results survive a stop
+        # partial results survive a stop
+        write(args.out, header, rows, cfg, backbone.teacher_cfg, len(scenes), args, argv, "")
 
     summary = (
         f"\n{len(rows)} effects; teacher - base PSNR: mean {np.mean(gains):+.2f} dB, min {np.min(gains):+.2f} dB; "
         f"train time per teacher: mean {np.mean(train_times):.0f} s, max {np.max(train_times):.0f} s."
     )
     print(summary)
-    write(args.out, header, rows, cfg, len(scenes), args, argv, summary)
+    write(args.out, header, rows, cfg, backbone.teacher_cfg, len(scenes), args, argv, summary)
     print(f"written to {args.out}")
 
 
@@ -187,6 +188,7 @@ def write(
     header: str,
     rows: list[str],
     cfg: LoraTrainConfig,
+    teacher_cfg: float,
     n_scenes: int,
     args: argparse.Namespace,
     argv: list[str] | None,
@@ -202,7 +204,7 @@ def write(
         f"{torch.get_num_threads()} torch thread)\n\n"
         f"Training: {BenchSpec().n_train_pairs} pairs per effect, tiny preset ({recipe}).\n"
         f"Evaluation: {n_scenes} held-out test sources ({args.n_test} per category), 40 Euler steps, "
-        "true CFG 4.0, PSNR/SSIM to the exact ground truth at 32 px. Base = the pretrained model with the "
+        f"true CFG {teacher_cfg:g}, PSNR/SSIM to the exact ground truth at 32 px. Base = the pretrained model with the "
         "same teacher prompt and noise, no LoRA; source = the untouched input as the output.\n\n"
         f"{header}\n" + "\n".join(rows) + "\n" + (summary or "\n(partial: still running)") + "\n"
     )

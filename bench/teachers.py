@@ -204,8 +204,8 @@ def write(
         f"{torch.get_num_threads()} torch thread)\n\n"
         f"Training: {BenchSpec().n_train_pairs} pairs per effect, tiny preset ({recipe}).\n"
         f"Evaluation: {n_scenes} held-out test sources ({args.n_test} per category), 40 Euler steps, "
-        f"true CFG {teacher_cfg:g}, PSNR/SSIM to the exact ground truth at 32 px. Base = the pretrained model with the "
-        "same teacher prompt and noise, no LoRA; source = the untouched input as the output.\n\n"
+        f"true CFG {teacher_cfg:g}, PSNR/SSIM to the exact ground truth at 32 px. "
+        "Base = the pretrained model with the same teacher prompt and noise, no LoRA; source = the untouched input as the output.\n\n"
         f"{header}\n" + "\n".join(rows) + "\n" + (summary or "\n(partial: still running)") + "\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,11 @@
 """Teacher effect LoRAs on EffectBench-mini: how close their outputs come to the exact ground truth.
 
 A teacher is the base model plus one effect LoRA, sampled as the paper's teachers are (40 Euler steps
-with true CFG, i.e. 80 NFE, at the backbone's ``teacher_cfg``: the pipeline's 4.0 for Qwen-Image-Edit). Because every bench effect is procedural, its true output on a test
-source is known, so fidelity is measured exactly: PSNR and SSIM to the ground truth at the backbone's
-working resolution (the 64 px ground truth area-downsampled). The base model given the same teacher
-prompt without the LoRA is measured the same way, with the same noise, as the reference a teacher
-must clearly beat.
+with true CFG, i.e. 80 NFE, at the backbone's ``teacher_cfg``: the pipeline's 4.0 for Qwen-Image-Edit).
+Because every bench effect is procedural, its true output on a test source is known, so fidelity is
+measured exactly: PSNR and SSIM to the ground truth at the backbone's working resolution (the 64 px
+ground truth area-downsampled). The base model given the same teacher prompt without the LoRA is
+measured the same way, with the same noise, as the reference a teacher must clearly beat.
 """
 
 from __future__ import annotations

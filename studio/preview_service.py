@@ -280,8 +280,8 @@ def preview(
     teacher_cfg: float | None = None,
 ) -> PreviewResult:
     """The student of ``run_id`` on one effect or a composition of two (A then B), beside the
-    teacher(s) (``teacher_steps`` x CFG ``teacher_cfg``, None: the backbone's) and Base+Lightning where a Lightning LoRA
-    exists. ``truth`` (an exact expected output) is shown when given."""
+    teacher(s) (``teacher_steps`` x CFG ``teacher_cfg``, None: the backbone's) and Base+Lightning
+    where a Lightning LoRA exists. ``truth`` (an exact expected output) is shown when given."""
     effects = [e for e in effects if e]
     if len(effects) not in (1, 2) or len(set(effects)) != len(effects):
         raise PreviewError("Pick one effect, or two different effects to compose (A then B).")

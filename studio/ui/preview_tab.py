@@ -156,9 +156,9 @@ def notes_markdown(result: PreviewResult, effects: list[str]) -> str:
 
 def build(studio: Studio, app: gr.Blocks) -> None:
     """The tab's components and events (call inside ``with gr.Tab(...)``)."""
+    cfg = teacher_cfg(studio.config.backbone)
     gr.Markdown(
-        f"The distilled student (8 steps) beside the teacher (40 steps × CFG {teacher_cfg(studio.config.backbone):g}) "
-        "and baselines. "
+        f"The distilled student (8 steps) beside the teacher (40 steps × CFG {cfg:g}) and baselines. "
         "Pick two effects to try a composition the student never saw in training."
     )
     run_in = gr.Dropdown(choices=[], value=None, label="Finished distillation", elem_id="preview-run")

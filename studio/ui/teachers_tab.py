@@ -306,9 +306,9 @@ def build(studio: Studio, app: gr.Blocks) -> None:
     """The tab's components and events (call inside ``with gr.Tab(...)``)."""
     d = defaults(studio)
     gr.Markdown(
-        f"Each effect needs a **teacher**: a LoRA that applies it (40 steps × CFG {teacher_cfg(studio.config.backbone):g}). "
-        "Train one on the "
-        "effect's pairs — it runs in the background, you can leave the page — or import a LoRA file."
+        "Each effect needs a **teacher**: a LoRA that applies it "
+        f"(40 steps × CFG {teacher_cfg(studio.config.backbone):g}). Train one on the effect's pairs — "
+        "it runs in the background, you can leave the page — or import a LoRA file."
     )
     active_md = gr.Markdown(elem_id="teachers-active")
     effect_in = gr.Dropdown(choices=[], value=None, label="Effect", elem_id="teachers-effect")

@@ -50,7 +50,7 @@ def main() -> None:
     R.load_cached_teachers(bb, args.work, names)
     scenes = test_sources("animal", args.test_per_category) + test_sources("portrait", args.test_per_category)
     head = [f"{s} steps x CFG {c:g}" for s, c in args.settings]
-    print("| effect | " + " | ".join(head) + " |\n|---" * (len(head) + 1) + "|", flush=True)
+    print("| effect | " + " | ".join(head) + " |\n|" + "---|" * (len(head) + 1), flush=True)
     rows = []
     for n in names:
         prompt = get_effect(n).teacher_prompt

@@ -255,9 +255,10 @@ class DistillConfig:
             # match their teachers after ~1000 coarse steps each: 35.9 dB at 8 NFE against 35.5 / 36.6 at
             # 80), so ~1000 coarse steps per effect (32 per full step) and a short full objective (250
             # steps at 8 effects). From one 10-effect coarse end (22.54 dB / BCR 0.23), 320 full steps:
-            # student lr 5e-4 21.37 / 0.24, 1e-4 21.96 / 0.23 (the paper's); with the real score unguided in the DMD terms (real_cfg 1) 22.41 / 0.21 (real_cfg 2: 22.33 /
-            # 0.21): the CFG-4 real score's x0 overshoots the guided targets TA-FM anchors to (pastel
-            # 33.3 -> 27.8 dB at lr 1e-4 with it, 33.5 without; results/recipe_tiny.md, session 10).
+            # student lr 5e-4 21.37 / 0.24, 1e-4 21.96 / 0.23 (the paper's); with the real score unguided
+            # in the DMD terms (real_cfg 1) 22.41 / 0.21 (real_cfg 2: 22.33 / 0.21): the CFG-4 real score's
+            # x0 overshoots the guided targets TA-FM anchors to (pastel 33.3 -> 27.8 dB at lr 1e-4 with it,
+            # 33.5 without; results/recipe_tiny.md, session 10).
             # Session 11 (10 effects, 20 test sources): ~2000 coarse steps per effect (64 per full step)
             # end the coarse stage at 23.19 dB / BCR 0.20 against the teachers' 23.35 / 0.225 (32: 22.54
             # / 0.23 on 8 sources); the full objective at student lr 1e-4 then dips to 22.16 and ends at

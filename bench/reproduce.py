@@ -430,6 +430,12 @@ def main() -> None:
     ap.add_argument(
         "--distill-lr", type=float, default=None, help="student and fake lr (default: the tiny preset's)"
     )
+    ap.add_argument(
+        "--student-rank",
+        type=int,
+        default=None,
+        help="rank (= alpha) of the distilled LoRAs and their critics (default: the tiny preset's)",
+    )
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--extend", type=int, default=0, help="Table 5: add this many extension effects")
     ap.add_argument(
@@ -493,6 +499,8 @@ def main() -> None:
         dcfg["coarse_ratio"] = args.coarse_ratio
     if args.distill_lr:
         dcfg.update(lr_student=args.distill_lr, lr_fake=args.distill_lr)
+    if args.student_rank:
+        dcfg["student_lora"] = {"rank": args.student_rank, "alpha": float(args.student_rank)}
     if q:
         dcfg.update(
             batch=2, critic_updates=1, target_steps=2, target_general_sources=1, checkpoint_every=1000

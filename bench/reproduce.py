@@ -431,6 +431,12 @@ def main() -> None:
         "--distill-lr", type=float, default=None, help="student and fake lr (default: the tiny preset's)"
     )
     ap.add_argument(
+        "--ta-fm-timesteps",
+        choices=("logit_normal", "uniform", "student"),
+        default=None,
+        help="Ours' TA-FM noise levels (student: the generator's own sampling levels; default: the preset's)",
+    )
+    ap.add_argument(
         "--student-rank",
         type=int,
         default=None,
@@ -499,6 +505,8 @@ def main() -> None:
         dcfg["coarse_ratio"] = args.coarse_ratio
     if args.distill_lr:
         dcfg.update(lr_student=args.distill_lr, lr_fake=args.distill_lr)
+    if args.ta_fm_timesteps:
+        dcfg["ta_fm_timesteps"] = args.ta_fm_timesteps
     if args.student_rank:
         dcfg["student_lora"] = {"rank": args.student_rank, "alpha": float(args.student_rank)}
     if q:

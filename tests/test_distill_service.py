@@ -17,6 +17,7 @@ from studio_fixtures import add_toy_effect, small_studio
 
 from distill.backbones import adapters
 from distill.backbones.tiny import TinyEditor
+from distill.config import DistillConfig
 from distill.export import read_catalog, student_init
 from distill.trainer import FAKE, STUDENT, adapter_params
 from storage import Effect, LoraFile, LoraKind, Prompt
@@ -144,7 +145,9 @@ def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitt
         run = s.get(runs.Run, run_id)
         config = run.config
     assert config["effects"] == ["warm"] and config["backbone"] == "tiny"
-    assert config["distill"]["student_lora"]["rank"] == 4 and config["distill"]["student_lora"]["alpha"] == 16
+    preset_alpha = DistillConfig.for_backbone("tiny").student_lora.alpha  # a rank alone keeps the preset's
+    assert config["distill"]["student_lora"]["rank"] == 4
+    assert config["distill"]["student_lora"]["alpha"] == preset_alpha
     assert config["plans"][0]["trigger"] == "<warm_Xq1>"
 
     # stopped after step 1: a checkpoint, no student yet; resumed: finishes and registers the student
@@ -162,7 +165,7 @@ def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitt
     assert (lora.kind, lora.rank, lora.alpha, lora.format, lora.backbone) == (
         LoraKind.STUDENT,
         4,
-        16.0,
+        preset_alpha,
         "diffusers",
         "tiny",
     )
@@ -171,7 +174,7 @@ def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitt
     cat = read_catalog(path)
     assert [e.name for e in cat.entries] == ["warm"] and lora.meta["effects"] == ["warm"]
     assert cat.entries[0].prompt == "<warm_Xq1> Make the warm look, seed 1."
-    assert (cat.rank, cat.alpha, cat.student_steps, cat.backbone) == (4, 16.0, 2, "tiny")
+    assert (cat.rank, cat.alpha, cat.student_steps, cat.backbone) == (4, preset_alpha, 2, "tiny")
     assert [s for s, _ in runs.metric_series(studio, run_id, "loss")] == [1, 2]
     assert runs.last_checkpoint(studio, run_id).step == 2
 
@@ -215,7 +218,7 @@ def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitt
     assert code == 0 and "kohya layout" in text
     bb = TinyEditor.from_pretrained(studio.config.model_path)
     report = adapters.load_lora(bb.transformer, kohya, "deployed")
-    assert (report.format_detected, report.rank, report.alpha) == ("kohya", 4, 16.0)
+    assert (report.format_detected, report.rank, report.alpha) == ("kohya", 4, preset_alpha)
     assert read_catalog(kohya).entries == read_catalog(out).entries
 
     code, text = _cli(monkeypatch, "distill", "status", str(ext_id))
@@ -245,7 +248,8 @@ def test_cli_run_and_extend_build_the_run(studio: Studio, submitted, monkeypatch
     with studio.session() as s:
         config = s.get(runs.Run, submitted[-1]).config["distill"]
     assert (config["steps"], config["p_switch"], config["aop"]) == (7, 0.25, False)
-    assert config["student_lora"]["rank"] == 8 and config["student_lora"]["alpha"] == 16.0
+    preset_alpha = DistillConfig.for_backbone("tiny").student_lora.alpha
+    assert config["student_lora"]["rank"] == 8 and config["student_lora"]["alpha"] == preset_alpha
 
     code, _ = _cli(monkeypatch, "distill", "run", "--effects", "warm", "--set", "nonsense")
     assert code == 2 and "KEY=VALUE" in capsys.readouterr().err

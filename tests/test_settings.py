@@ -36,13 +36,15 @@ def test_configs_survive_json_and_reject_typos() -> None:
 
 
 def test_a_student_lora_shape_given_alone_is_the_critics_too() -> None:
+    preset_alpha = DistillConfig.for_backbone("tiny").student_lora.alpha
+    assert preset_alpha != LoraSpec().alpha  # else the merge below could not be told from a reset
     c = DistillConfig.for_backbone("tiny", student_lora={"rank": 8})  # merged into the preset's shape
-    assert (c.student_lora.rank, c.student_lora.alpha) == (8, 16.0) and c.fake_lora == c.student_lora
+    assert (c.student_lora.rank, c.student_lora.alpha) == (8, preset_alpha) and c.fake_lora == c.student_lora
     odd = {"student_lora": {"rank": 8}, "fake_lora": {"rank": 8, "alpha": 4.0}}
     with pytest.raises(ValueError, match="one LoRA shape"):  # the critic starts as a copy of the student
         DistillConfig.for_backbone("tiny", **odd)
     c = DistillConfig.for_backbone("tiny", **odd, coarse_fake_init=False)
-    assert c.fake_lora.alpha == 4.0 and c.student_lora.alpha == 16.0
+    assert c.fake_lora.alpha == 4.0 and c.student_lora.alpha == preset_alpha
 
 
 def test_the_presets_step_budget_grows_with_the_effects() -> None:

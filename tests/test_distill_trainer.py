@@ -607,8 +607,10 @@ def test_compiled_coarse_steps_update_the_student_as_eager_ones_do(tmp_path: Pat
         assert calls["compiled"] == (2 if compiled else 0)  # the two coarse steps' micro-batches only
         assert not bb._use_compiled
         students.append([p.detach().clone() for p in d.student_params])
+    # Adam moves each weight by ~lr (2e-3) a step whatever its gradient's size, so float noise between
+    # the kernels can move a near-zero-gradient weight by ~1e-5; a different computation moves it by ~lr
     for a, b in zip(*students, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_a_failing_compile_falls_back_to_eager_for_the_rest_of_the_run(

@@ -39,6 +39,9 @@ FAST = {
     "fake_lora": {"rank": 4, "alpha": 4.0},
 }
 
+# a student shape given as a rank alone keeps the preset's alpha
+PRESET_ALPHA = DistillConfig.for_backbone("tiny").student_lora.alpha
+
 
 def _add_effect(studio: Studio, tmp: Path, name: str, seed: int, *, teacher=True, prompts=True) -> None:
     add_toy_effect(studio, tmp, name, seed, teacher_std=0.2 if teacher else None)
@@ -145,9 +148,8 @@ def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitt
         run = s.get(runs.Run, run_id)
         config = run.config
     assert config["effects"] == ["warm"] and config["backbone"] == "tiny"
-    preset_alpha = DistillConfig.for_backbone("tiny").student_lora.alpha  # a rank alone keeps the preset's
     assert config["distill"]["student_lora"]["rank"] == 4
-    assert config["distill"]["student_lora"]["alpha"] == preset_alpha
+    assert config["distill"]["student_lora"]["alpha"] == PRESET_ALPHA
     assert config["plans"][0]["trigger"] == "<warm_Xq1>"
 
     # stopped after step 1: a checkpoint, no student yet; resumed: finishes and registers the student
@@ -165,7 +167,7 @@ def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitt
     assert (lora.kind, lora.rank, lora.alpha, lora.format, lora.backbone) == (
         LoraKind.STUDENT,
         4,
-        preset_alpha,
+        PRESET_ALPHA,
         "diffusers",
         "tiny",
     )
@@ -174,7 +176,7 @@ def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitt
     cat = read_catalog(path)
     assert [e.name for e in cat.entries] == ["warm"] and lora.meta["effects"] == ["warm"]
     assert cat.entries[0].prompt == "<warm_Xq1> Make the warm look, seed 1."
-    assert (cat.rank, cat.alpha, cat.student_steps, cat.backbone) == (4, preset_alpha, 2, "tiny")
+    assert (cat.rank, cat.alpha, cat.student_steps, cat.backbone) == (4, PRESET_ALPHA, 2, "tiny")
     assert [s for s, _ in runs.metric_series(studio, run_id, "loss")] == [1, 2]
     assert runs.last_checkpoint(studio, run_id).step == 2
 
@@ -218,7 +220,7 @@ def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitt
     assert code == 0 and "kohya layout" in text
     bb = TinyEditor.from_pretrained(studio.config.model_path)
     report = adapters.load_lora(bb.transformer, kohya, "deployed")
-    assert (report.format_detected, report.rank, report.alpha) == ("kohya", 4, preset_alpha)
+    assert (report.format_detected, report.rank, report.alpha) == ("kohya", 4, PRESET_ALPHA)
     assert read_catalog(kohya).entries == read_catalog(out).entries
 
     code, text = _cli(monkeypatch, "distill", "status", str(ext_id))
@@ -248,8 +250,7 @@ def test_cli_run_and_extend_build_the_run(studio: Studio, submitted, monkeypatch
     with studio.session() as s:
         config = s.get(runs.Run, submitted[-1]).config["distill"]
     assert (config["steps"], config["p_switch"], config["aop"]) == (7, 0.25, False)
-    preset_alpha = DistillConfig.for_backbone("tiny").student_lora.alpha
-    assert config["student_lora"]["rank"] == 8 and config["student_lora"]["alpha"] == preset_alpha
+    assert config["student_lora"]["rank"] == 8 and config["student_lora"]["alpha"] == PRESET_ALPHA
 
     code, _ = _cli(monkeypatch, "distill", "run", "--effects", "warm", "--set", "nonsense")
     assert code == 2 and "KEY=VALUE" in capsys.readouterr().err

@@ -431,6 +431,9 @@ def main() -> None:
         "--distill-lr", type=float, default=None, help="student and fake lr (default: the tiny preset's)"
     )
     ap.add_argument(
+        "--coarse-lr", type=float, default=None, help="Ours' coarse-stage student lr (default: the preset's)"
+    )
+    ap.add_argument(
         "--ta-fm-timesteps",
         choices=("logit_normal", "uniform", "student"),
         default=None,
@@ -505,6 +508,8 @@ def main() -> None:
         dcfg["coarse_ratio"] = args.coarse_ratio
     if args.distill_lr:
         dcfg.update(lr_student=args.distill_lr, lr_fake=args.distill_lr)
+    if args.coarse_lr:
+        dcfg["coarse_lr"] = args.coarse_lr
     if args.ta_fm_timesteps:
         dcfg["ta_fm_timesteps"] = args.ta_fm_timesteps
     if args.student_rank:

@@ -431,6 +431,12 @@ def main() -> None:
         "--distill-lr", type=float, default=None, help="student and fake lr (default: the tiny preset's)"
     )
     ap.add_argument(
+        "--full-lr",
+        type=float,
+        default=None,
+        help="Ours' student lr in the full objective (default: the preset's)",
+    )
+    ap.add_argument(
         "--coarse-lr", type=float, default=None, help="Ours' coarse-stage student lr (default: the preset's)"
     )
     ap.add_argument(
@@ -508,6 +514,8 @@ def main() -> None:
         dcfg["coarse_ratio"] = args.coarse_ratio
     if args.distill_lr:
         dcfg.update(lr_student=args.distill_lr, lr_fake=args.distill_lr)
+    if args.full_lr:
+        dcfg["lr_student"] = args.full_lr
     if args.coarse_lr:
         dcfg["coarse_lr"] = args.coarse_lr
     if args.ta_fm_timesteps:

@@ -268,6 +268,9 @@ class DistillConfig:
             # Ours to 23.57 / 0.19, flat from coarse step 15,000 on (results/table1_10fx11.md).
             # Session 13: the flat end was partly width: a rank-64 student (and critic) reaches 23.93 /
             # 0.19 in the same 67 min compiled (results/table1_10fx12.md).
+            # Session 14: the coarse stage ends at the teachers' fidelity (rank 64: 24.36 dB / BCR 0.18 at
+            # its end; rank 128 at coarse lr 1e-3: 24.44, 18 min longer; 4e-3 at rank 64 diverges); the
+            # full objective then costs 0.4 dB (rank 128: 1.4; results/recipe_tiny.md, session 14).
             base: dict[str, Any] = dict(
                 teacher_cfg=TinyConfig.teacher_cfg,  # its teachers' own scale (see TinyConfig)
                 steps=250,

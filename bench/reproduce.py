@@ -437,6 +437,12 @@ def main() -> None:
         help="Ours' student lr in the full objective (default: the preset's)",
     )
     ap.add_argument(
+        "--real-cfg",
+        type=float,
+        default=None,
+        help="Ours' real-score guidance in the full objective's DMD terms (default: the preset's)",
+    )
+    ap.add_argument(
         "--coarse-lr", type=float, default=None, help="Ours' coarse-stage student lr (default: the preset's)"
     )
     ap.add_argument(
@@ -514,6 +520,8 @@ def main() -> None:
         dcfg["coarse_ratio"] = args.coarse_ratio
     if args.distill_lr:
         dcfg.update(lr_student=args.distill_lr, lr_fake=args.distill_lr)
+    if args.real_cfg:
+        dcfg["real_cfg"] = args.real_cfg
     if args.full_lr:
         dcfg["lr_student"] = args.full_lr
     if args.coarse_lr:

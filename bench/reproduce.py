@@ -457,6 +457,12 @@ def main() -> None:
         default=None,
         help="rank (= alpha) of the distilled LoRAs and their critics (default: the tiny preset's)",
     )
+    ap.add_argument(
+        "--set",
+        default=None,
+        metavar="JSON",
+        help="more of Ours' distillation settings, e.g. '{\"ta_fm_weight\": 4}' (DistillConfig names)",
+    )
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--extend", type=int, default=0, help="Table 5: add this many extension effects")
     ap.add_argument(
@@ -530,6 +536,15 @@ def main() -> None:
         dcfg["ta_fm_timesteps"] = args.ta_fm_timesteps
     if args.student_rank:
         dcfg["student_lora"] = {"rank": args.student_rank, "alpha": float(args.student_rank)}
+    if args.set:
+        try:
+            extra = json.loads(args.set)
+        except json.JSONDecodeError as e:
+            ap.error(f"--set is not JSON: {e}")
+        if not isinstance(extra, dict):
+            ap.error("--set takes a JSON object, e.g. '{\"ta_fm_weight\": 4}'")
+    else:
+        extra = {}
     if q:
         dcfg.update(
             batch=2, critic_updates=1, target_steps=2, target_general_sources=1, checkpoint_every=1000
@@ -562,7 +577,7 @@ def main() -> None:
     log("Ours (CollectionLoRA)")
     specs = effect_specs(s, names, prompts)
     ours_sec = (
-        distill_adapter(s, "ours", specs, DistillConfig.for_backbone("tiny", len(names), **dcfg))
+        distill_adapter(s, "ours", specs, DistillConfig.for_backbone("tiny", len(names), **{**dcfg, **extra}))
         if want("ours")
         else 0
     )

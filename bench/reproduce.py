@@ -495,6 +495,19 @@ def main() -> None:
         help="only train shard I of N of the teachers (run N of these in parallel first)",
     )
     args = ap.parse_args()
+    if args.set:
+        try:
+            extra = json.loads(args.set)
+        except json.JSONDecodeError as e:
+            ap.error(f"--set is not JSON: {e}")
+        if not isinstance(extra, dict):
+            ap.error("--set takes a JSON object, e.g. '{\"ta_fm_weight\": 4}'")
+        try:
+            DistillConfig.for_backbone("tiny", **extra)
+        except (TypeError, ValueError) as e:
+            ap.error(f"--set: {e}")
+    else:
+        extra = {}
     torch.manual_seed(args.seed)
     q = args.quick
     if q:
@@ -536,16 +549,8 @@ def main() -> None:
         dcfg["ta_fm_timesteps"] = args.ta_fm_timesteps
     if args.student_rank:
         dcfg["student_lora"] = {"rank": args.student_rank, "alpha": float(args.student_rank)}
-    if args.set:
-        try:
-            extra = json.loads(args.set)
-        except json.JSONDecodeError as e:
-            ap.error(f"--set is not JSON: {e}")
-        if not isinstance(extra, dict):
-            ap.error("--set takes a JSON object, e.g. '{\"ta_fm_weight\": 4}'")
-    else:
-        extra = {}
     if q:
+        dcfg.setdefault("coarse_ratio", 4.0)  # a few coarse steps, not the preset's 64 per full step
         dcfg.update(
             batch=2, critic_updates=1, target_steps=2, target_general_sources=1, checkpoint_every=1000
         )

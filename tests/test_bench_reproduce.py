@@ -69,8 +69,14 @@ def test_quick_run_caches_every_adapter_as_safetensors(quick_run):
         ('{"tau_min": 5000}', "tau_min and tau_max are timesteps"),
     ],
 )
-def test_set_is_checked_before_any_training(tmp_path, value, message):
-    p = _reproduce("--quick", "--work", str(tmp_path), "--out", str(tmp_path), "--set", value)
-    assert p.returncode == 2
-    assert message in p.stderr
+def test_set_is_checked_before_any_training(tmp_path, monkeypatch, capsys, value, message):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import reproduce
+
+    argv = ["reproduce.py", "--quick", "--work", str(tmp_path), "--out", str(tmp_path), "--set", value]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        reproduce.main()
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # rejected before anything was trained or written

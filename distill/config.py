@@ -273,8 +273,8 @@ class DistillConfig:
             # full objective then costs 0.4 dB (rank 128: 1.4; results/recipe_tiny.md, session 14).
             # Session 15: that cost was the critic's lr. From the same rank-64 coarse end (24.36 dB), 320
             # full steps with the critic at 2e-3 / 5e-4 / 2e-4 / 1e-4 (the paper's) end at 23.93 / 24.01 /
-            # 24.42 / 24.47 dB: a critic that tracks the student at 20x its lr turns its small
-            # fluctuations into distribution-matching gradients that leave the ground truth.
+            # 24.42 / 24.47 dB. Our reading: a critic at 67x the student's lr fits the student's small
+            # fluctuations, which the DMD terms then push back into the student, away from the ground truth.
             base: dict[str, Any] = dict(
                 teacher_cfg=TinyConfig.teacher_cfg,  # its teachers' own scale (see TinyConfig)
                 steps=250,

@@ -539,14 +539,6 @@ def main() -> None:
         dcfg["coarse_ratio"] = args.coarse_ratio
     if args.distill_lr:
         dcfg.update(lr_student=args.distill_lr, lr_fake=args.distill_lr)
-    if args.real_cfg:
-        dcfg["real_cfg"] = args.real_cfg
-    if args.full_lr:
-        dcfg["lr_student"] = args.full_lr
-    if args.coarse_lr:
-        dcfg["coarse_lr"] = args.coarse_lr
-    if args.ta_fm_timesteps:
-        dcfg["ta_fm_timesteps"] = args.ta_fm_timesteps
     if args.student_rank:
         dcfg["student_lora"] = {"rank": args.student_rank, "alpha": float(args.student_rank)}
     if q:
@@ -554,6 +546,14 @@ def main() -> None:
         dcfg.update(
             batch=2, critic_updates=1, target_steps=2, target_general_sources=1, checkpoint_every=1000
         )
+    # Ours' settings (its ablations and extension too): the shared ones, then its own flags, then --set
+    flags = dict(
+        real_cfg=args.real_cfg,
+        lr_student=args.full_lr,
+        coarse_lr=args.coarse_lr,
+        ta_fm_timesteps=args.ta_fm_timesteps,
+    )
+    ours = {**dcfg, **{k: v for k, v in flags.items() if v is not None}, **extra}
     only = set(args.only.split(",")) if args.only else None
 
     def want(stage: str) -> bool:
@@ -582,7 +582,7 @@ def main() -> None:
     log("Ours (CollectionLoRA)")
     specs = effect_specs(s, names, prompts)
     ours_sec = (
-        distill_adapter(s, "ours", specs, DistillConfig.for_backbone("tiny", len(names), **{**dcfg, **extra}))
+        distill_adapter(s, "ours", specs, DistillConfig.for_backbone("tiny", len(names), **ours))
         if want("ours")
         else 0
     )
@@ -677,7 +677,7 @@ def main() -> None:
             adapter = "abl_" + label.split(")")[0].strip("(")
             log(f"ablation {label}")
             if over:
-                cfg = DistillConfig.for_backbone("tiny", len(names), **{**dcfg, **over})
+                cfg = DistillConfig.for_backbone("tiny", len(names), **{**ours, **over})
                 distill_adapter(s, adapter, specs, cfg)
             else:  # the full method is Ours, trained above with the same settings
                 adapter = "ours"
@@ -696,7 +696,7 @@ def main() -> None:
         ext_specs = effect_specs(s, names + new, prompts, new=set(new))
         # the paper's extension: a short run, a fifth of Ours' steps (coarse stage in proportion)
         ext_steps = max(2, (args.distill_steps or DistillConfig.for_backbone("tiny").steps) // 5)
-        ext_cfg = DistillConfig.for_backbone("tiny", **{**dcfg, "steps": ext_steps})
+        ext_cfg = DistillConfig.for_backbone("tiny", **{**ours, "steps": ext_steps})
         distill_adapter(s, "ours_ext", ext_specs, ext_cfg, init="ours")
         all_entries = entries + [
             EffectEntry(

@@ -61,7 +61,9 @@ class SyntheticQwenBackbone(Backbone):
     Z = 16  # latent channels of the Qwen-Image VAE
     VAE_FACTOR = 8
 
-    def __init__(self, image_size: int, text_len: int, device: str, dtype: torch.dtype):
+    def __init__(
+        self, image_size: int, text_len: int, device: str, dtype: torch.dtype, config: dict | None = None
+    ):
         from diffusers import QwenImageTransformer2DModel
 
         self.image_size, self.text_len = image_size, text_len
@@ -71,7 +73,8 @@ class SyntheticQwenBackbone(Backbone):
         torch.set_default_dtype(dtype)  # build directly in bf16 on the GPU (fp32 would not fit)
         try:
             with torch.device(device):
-                self.transformer = QwenImageTransformer2DModel()  # the defaults are Qwen-Image's
+                # the defaults are Qwen-Image's; ``config`` shrinks it for the CPU test of this path
+                self.transformer = QwenImageTransformer2DModel(**(config or {}))
         finally:
             torch.set_default_dtype(previous)
         self.transformer.requires_grad_(False).eval()
@@ -135,6 +138,10 @@ def _backbone(args: argparse.Namespace) -> tuple[Backbone, str]:
     if args.cuda:
         bb = SyntheticQwenBackbone(args.size, args.text_len, "cuda", torch.bfloat16)
         return bb, f"Qwen-Image transformer (random bf16 weights, {args.size}px, gradient checkpointing)"
+    if args.qwen_config:  # the same path shrunk, on the CPU in float32 (tests)
+        config = json.loads(args.qwen_config)
+        bb = SyntheticQwenBackbone(args.size, args.text_len, "cpu", torch.float32, config)
+        return bb, f"Qwen-Image transformer, shrunk ({config}), {args.size}px"
     from distill.backbones.tiny import WEIGHTS_DIR, TinyConfig, TinyEditor
 
     if (WEIGHTS_DIR / "tiny_config.json").exists():
@@ -147,7 +154,7 @@ def _backbone(args: argparse.Namespace) -> tuple[Backbone, str]:
 
 
 def _config(args: argparse.Namespace) -> DistillConfig:
-    name = "qwen-image-edit" if args.cuda else "tiny"
+    name = "qwen-image-edit" if args.cuda or args.qwen_config else "tiny"
     return DistillConfig.for_backbone(
         name,
         steps=10**6,
@@ -168,7 +175,7 @@ def _images(n: int, size: int, seed: int) -> torch.Tensor:
 
 def _teacher_spec(args: argparse.Namespace) -> adapters.LoraSpec:
     # Effect LoRAs for Qwen-Image-Edit are commonly rank 64 on every linear; the tiny teachers rank 16.
-    r = 64 if args.cuda else 16
+    r = 64 if args.cuda or args.qwen_config else 16
     return adapters.LoraSpec(rank=r, alpha=float(r))
 
 
@@ -353,6 +360,8 @@ def _child(args: argparse.Namespace, what: str) -> dict[str, Any]:
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.cuda:
         cmd.append("--cuda")
+    if args.qwen_config:
+        cmd += ["--qwen-config", args.qwen_config]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -413,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-len", type=int, default=300, help="--cuda: text tokens (prompt + vision tokens)")
     p.add_argument("--threads", type=int, default=1, help="CPU: torch threads")
     p.add_argument("--work-dir", default=None, help="where the target cache goes (default: a temp folder)")
+    p.add_argument("--qwen-config", default=None, help=argparse.SUPPRESS)  # JSON: a shrunk Qwen on CPU
     p.add_argument("--measure", choices=("distill", "coarse", "lora"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick

@@ -257,7 +257,8 @@ class CollectionDistiller:
             "student": self._velocity([STUDENT], c),
             "fake": self._velocity([FAKE], c),
             "real": self._velocity(None, c, uncond, self.cfg.real_guidance),
-            "shape": (b, *src.shape[1:]),
+            # the noise's shape is the latents' (the source's), not the images' (latent backbones differ)
+            "shape": tuple(c.source_latents.shape),
         }
 
     def _noise(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -3,6 +3,7 @@
     python bench/backbone.py            # tiny on this CPU (~3 min on 2 cores)
     python bench/backbone.py --quick    # a smoke run (~1 min)
     python bench/backbone.py --cuda     # + the real Qwen-Image architecture on the GPU
+    python bench/backbone.py --cuda-only  # that table alone (bench/cuda_check.sh)
 
 ``tiny``: the pretrained checkpoint in distill/backbones/weights/tiny if present, else random weights
 (said in the table). Parameters; latency of one network evaluation (NFE) at batch 1 and 8; PSNR to
@@ -295,10 +296,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples and repeats (a smoke run)")
     ap.add_argument("--cuda", action="store_true", help="also the real Qwen-Image architecture on the GPU")
+    ap.add_argument("--cuda-only", action="store_true", help="the Qwen-Image table alone, not the tiny one")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print_table(*tiny_rows(args.quick))
-    if args.cuda:
+    if not args.cuda_only:
+        print_table(*tiny_rows(args.quick))
+    if args.cuda or args.cuda_only:
         if not torch.cuda.is_available():
             print("\n--cuda: no GPU on this machine; the Qwen-Image table is skipped.")
         else:

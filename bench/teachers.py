@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="train on mirrored copies of the pairs too, in the flips each effect is symmetric under",
     )
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        default=BenchSpec().n_train_pairs,
+        help="training pairs per effect (the bench's 20; more asks whether data or the model limits an effect)",
+    )
     ap.add_argument("--n-test", type=int, default=8, help="test sources per category")
     ap.add_argument("--model-path", default=None, help="tiny weights folder (default: the committed ones)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "teachers.md")
@@ -90,8 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.rank is not None:
         overrides.update(rank=args.rank, alpha=float(args.rank))
     cfg = LoraTrainConfig.for_backbone("tiny", sample_every=0, checkpoint_every=0, **overrides)
+    try:
+        spec = BenchSpec(n_train_pairs=args.pairs)
+    except ValueError as e:
+        ap.error(str(e))
     backbone = load_backbone("tiny", args.model_path)
-    spec = BenchSpec()
     scenes = [sc for cat in CATEGORIES for sc in test_sources(cat, args.n_test, seed=0)]
     sources = to_tensor([sc.image for sc in scenes])
 
@@ -111,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                 "n_test": args.n_test,
                 "model_path": args.model_path,
                 "mirror": args.mirror,
+                "pairs": args.pairs,
             }
         )
     )
@@ -202,7 +212,7 @@ def write(
         "# Teacher LoRAs on the tiny backbone (EffectBench-mini)\n\n"
         f"`{command.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{torch.get_num_threads()} torch thread)\n\n"
-        f"Training: {BenchSpec().n_train_pairs} pairs per effect, tiny preset ({recipe}).\n"
+        f"Training: {args.pairs} pairs per effect, tiny preset ({recipe}).\n"
         f"Evaluation: {n_scenes} held-out test sources ({args.n_test} per category), 40 Euler steps, "
         f"true CFG {teacher_cfg:g}, PSNR/SSIM to the exact ground truth at 32 px. "
         "Base = the pretrained model with the same teacher prompt and noise, no LoRA; source = the untouched input as the output.\n\n"

@@ -40,7 +40,7 @@ def test_distiller_trains_the_student_on_the_qwen_backbone(tmp_path: Path, monke
         student_steps=2,
         checkpoint_every=10,
         sample_every=0,
-        coarse_ratio=0.0,
+        coarse_ratio=1.0,  # two coarse TA-FM steps (general anchors included), then two full ones
         p_switch=p_switch,
         seed=0,
     )

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The real-size path on one GPU, in one go (~5 min on an H100/H200): the Qwen-Image architecture
+# The real-size path on one GPU, in one go (~7 min on an H100/H200): the Qwen-Image architecture
 # (20B, random bf16 weights, 1024px) behind our backbone, then one shared base distilling with
-# student + fake + teacher adapters. Writes both tables to $OUT (or ./cuda_check) for results/.
+# student + fake + teacher adapters, then teacher offloading. Writes the tables to $OUT (or ./cuda_check) for results/.
 #   bash bench/cuda_check.sh            # needs diffusers + peft importable (see .whl in the note)
 set -o pipefail
 out="${OUT:-cuda_check}"
@@ -15,3 +15,4 @@ export PYTHONUNBUFFERED=1
 } 2>&1 | tee "$out/env.txt"
 timeout 200 python3 bench/backbone.py --cuda-only --quick 2>&1 | tee "$out/backbone_cuda.md"
 timeout 330 python3 bench/distill.py --cuda --iters 4 2>&1 | tee "$out/distill_cuda.md"
+timeout 200 python3 bench/teacher_offload.py --cuda --teachers 8 2>&1 | tee "$out/teacher_offload_cuda.md"

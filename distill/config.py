@@ -108,6 +108,11 @@ class DistillConfig:
     # at least COMPILE_MIN_COARSE steps, which repay the compile (a few shapes, ~10-30 s on 2 CPU
     # cores; a 10-effect tiny coarse step there went from 170 to 146 ms, 600 steps each)
     compile_coarse: bool | None = None
+    # teacher LoRAs live in CPU memory and go to the base's device only while one scores (at most
+    # ``micro_batches`` there at once): 50 rank-64 Qwen-Image teachers are ~40 GB, which would not fit
+    # beside the 38 GB base on one 80 GB GPU; a switch copies ~0.8 GB, against a ~22 s step (results/
+    # cuda_h200.md). On CPU it is bookkeeping only, so the tiny preset turns it off.
+    offload_teachers: bool = True
     # bookkeeping
     seed: int = 0
     checkpoint_every: int = 100
@@ -296,6 +301,7 @@ class DistillConfig:
                 sample_every=100,
                 student_lora=LoraSpec(rank=64, alpha=64.0),
                 fake_lora=LoraSpec(rank=64, alpha=64.0),
+                offload_teachers=False,
             )
         else:
             base = {}

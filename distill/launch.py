@@ -84,13 +84,15 @@ def main(argv: list[str] | None = None) -> None:
     spec = json.loads(args.spec.read_text())
     acc = Accelerator(cpu=spec.get("cpu", not torch.cuda.is_available()))
     backbone = load_backbone(spec.get("backbone", "tiny"), spec.get("model_path"), device=str(acc.device))
+    config = DistillConfig.for_backbone(backbone.name, **spec.get("config", {}))
     effects = []
     for e in spec["effects"]:
         name = "teacher_" + e["name"].replace("-", "_")
         adapters.load_lora(backbone.transformer, e["teacher_lora"], name)
+        if config.offload_teachers:  # never all teachers on the GPU at once, loading included
+            adapters.offload(backbone.transformer, name, keep=config.micro_batches)
         sources = to_tensor([Image.open(p).convert("RGB") for p in e["sources"]])
         effects.append(EffectSpec(e["name"], name, e["teacher_prompt"], e["student_prompt"], sources))
-    config = DistillConfig.for_backbone(backbone.name, **spec.get("config", {}))
     general = _general(int(spec.get("general_images", 64)), config.seed)
     if spec.get("general_instructions"):  # a caller's own instructions for those images
         general = GeneralData(general.images, list(spec["general_instructions"]))

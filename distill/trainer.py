@@ -125,6 +125,9 @@ class CollectionDistiller:
             if init is not None:
                 self._load_adapter(name, init)
         adapters.set_trainable(self.tr, [STUDENT, FAKE])
+        if config.offload_teachers:  # idempotent: callers offload each teacher as they load it
+            teachers = sorted({e.teacher_adapter for e in effects if e.teacher_adapter})
+            adapters.offload(self.tr, teachers, keep=config.micro_batches)
         self.student_params = list(adapter_params(self.tr, STUDENT).values())
         self.fake_params = list(adapter_params(self.tr, FAKE).values())
         self.opt_g = torch.optim.AdamW(self.student_params, lr=config.lr_student, weight_decay=0.0)

@@ -341,8 +341,11 @@ def _u8(a: Any) -> Any:
     return (a.clip(0, 1) * 255 + 0.5).astype("uint8")
 
 
-def _load_teacher(studio: Studio, backbone: Backbone, effect: str, lora_id: int) -> str:
-    """Load the run's teacher LoRA file of ``effect`` as its adapter."""
+def _load_teacher(
+    studio: Studio, backbone: Backbone, effect: str, lora_id: int, config: DistillConfig
+) -> str:
+    """Load the run's teacher LoRA file of ``effect`` as its adapter (offloaded at once where the
+    config says, so that loading never holds every teacher on the GPU)."""
     with studio.session() as s:
         lora = s.get(LoraFile, lora_id)
     if lora is None:
@@ -351,6 +354,8 @@ def _load_teacher(studio: Studio, backbone: Backbone, effect: str, lora_id: int)
     if name in adapters.adapter_names(backbone.transformer):
         adapters.delete(backbone.transformer, name)
     adapters.load_lora(backbone.transformer, teachers_service.teacher_path(studio, lora), name)
+    if config.offload_teachers:
+        adapters.offload(backbone.transformer, name, keep=config.micro_batches)
     return name
 
 
@@ -385,7 +390,7 @@ def prepare(
     size = backbone.image_size
     specs = []
     for p in plans:
-        adapter = _load_teacher(studio, backbone, p.name, p.teacher_lora_id)
+        adapter = _load_teacher(studio, backbone, p.name, p.teacher_lora_id, config)
         sources = _sources(studio, p.name, size)
         specs.append(EffectSpec(p.name, adapter, p.teacher_prompt, p.condition, sources, new=p.name in new))
     adapters.set_trainable(backbone.transformer, [])  # teachers stay frozen

@@ -233,3 +233,60 @@ def test_lora_state_dict_is_diffusers_layout_cloned_on_cpu(editor):
     key = "transformer.transformer_blocks.0.attn.to_q.lora_B.weight"
     sd[key].zero_()
     assert A.lora_state_dict(tr, "student")[key].abs().sum() > 0
+
+
+def _frozen_teachers(tr, names, seed=0):
+    for i, n in enumerate(names):
+        A.add_lora(tr, n, A.LoraSpec(rank=4, alpha=4))
+        randomize_lora(tr, n, seed + i)
+    A.set_trainable(tr, [])
+
+
+def test_offload_moves_only_the_adapters_in_use_and_keeps_outputs(editor, inputs, monkeypatch):
+    tr = editor.transformer
+    _frozen_teachers(tr, ["t0", "t1", "t2"])
+    expected = {}
+    for n in ("t0", "t1", "t2"):
+        A.activate(tr, n)
+        expected[n] = run(editor, inputs)
+    A.activate(tr, None)
+    moves: list[tuple[str, str]] = []
+    real_move = A._move
+    monkeypatch.setattr(A, "_move", lambda t, n, d: (moves.append((n, d.type)), real_move(t, n, d)))
+    A.offload(tr, ["t0", "t1", "t2"], keep=1)
+    assert sorted(moves) == [("t0", "cpu"), ("t1", "cpu"), ("t2", "cpu")]
+    home = next(p for n, p in tr.named_parameters() if ".lora_" not in n).device.type
+
+    def step(names):
+        moves.clear()
+        A.activate(tr, names)
+        return list(moves)
+
+    assert step("t0") == [("t0", home)]
+    assert torch.equal(run(editor, inputs), expected["t0"])
+    assert step("t0") == []  # already there: a switch to the same teacher copies nothing
+    assert step("t1") == [("t1", home), ("t0", "cpu")]  # keep=1: the other goes back
+    assert torch.equal(run(editor, inputs), expected["t1"])
+    assert sorted(step(["t0", "t2"])) == sorted([("t0", home), ("t2", home), ("t1", "cpu")])
+    assert step(None) == [("t0", "cpu")]  # back to keep=1 resident, the least recently used out
+    assert step(None) == []  # the base alone moves nothing
+    assert A._state(tr).resident == ["t2"]
+    A.offload(tr, ["t0"], keep=1)  # idempotent
+    assert A._state(tr).offloaded == {"t0", "t1", "t2"}
+    A.delete(tr, "t2")
+    assert set(A.offloaded_devices(tr)) == {"t0", "t1"}
+
+
+def test_offload_refuses_trainable_adapters_and_bad_keep(editor):
+    tr = editor.transformer
+    A.add_lora(tr, "student", A.LoraSpec(rank=4, alpha=4))
+    with pytest.raises(ValueError, match="Trainable adapters cannot be offloaded"):
+        A.offload(tr, "student")
+    _frozen_teachers(tr, ["t0"])
+    with pytest.raises(ValueError, match="keep"):
+        A.offload(tr, "t0", keep=0)
+    A.offload(tr, "t0")
+    with pytest.raises(ValueError, match="Offloaded adapters cannot be trained"):
+        A.set_trainable(tr, ["t0"])
+    with pytest.raises(KeyError):
+        A.offload(tr, "nope")

@@ -632,3 +632,19 @@ def test_a_failing_compile_falls_back_to_eager_for_the_rest_of_the_run(
     assert result.steps == cfg.total_steps == 5 and tries["n"] == 1  # tried once, then eager
     assert "runs eagerly" in caplog.text and "no C++ compiler" in caplog.text
     assert any(not torch.equal(a, b) for a, b in zip(student0, d.student_params, strict=True))
+
+
+def test_offloaded_teachers_train_the_same_student(tmp_path: Path) -> None:
+    """The paper-scale default keeps teachers in CPU memory between uses; on one device the run
+    must be the same as with them resident."""
+    students = []
+    for offload in (False, True):
+        bb = _backbone()
+        effects, general = _data()
+        cfg = _config(offload_teachers=offload)
+        d = CollectionDistiller(bb, effects, general, cfg, tmp_path / str(offload))
+        assert set(adapters.offloaded_devices(bb.transformer)) == ({"teacher-red"} if offload else set())
+        d.train()
+        students.append(adapter_params(bb.transformer, "student"))
+    for name, p in students[0].items():
+        assert torch.allclose(p, students[1][name], atol=1e-6), name

@@ -113,6 +113,12 @@ class _State:
         default_factory=dict
     )  # name -> (layer.scaling, alpha/r)
     fused: tuple[tuple[str, ...], tuple[float, ...]] | None = None
+    # ``offload``: adapters kept in CPU memory while not in use, at most ``keep`` of them on ``home``
+    offloaded: set[str] = field(default_factory=set)
+    resident: list[str] = field(default_factory=list)  # offloaded ones now on ``home``, oldest first
+    keep: int = 1
+    home: torch.device | None = None
+    stored: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # their CPU copies
 
 
 # -- bookkeeping -----------------------------------------------------------------------------------
@@ -231,6 +237,9 @@ def set_trainable(transformer: nn.Module, names: Iterable[str]) -> None:
     """Exactly these adapters' parameters require grad; the base and all other adapters are frozen."""
     names = _as_names(names) if isinstance(names, str) else list(names)
     _check_known(transformer, names)
+    offloaded = sorted(set(names) & _state(transformer).offloaded)
+    if offloaded:
+        raise ValueError(f"Offloaded adapters cannot be trained: {offloaded}")
     _state(transformer).trainable = frozenset(names)
     _apply_trainable(transformer)
 
@@ -246,6 +255,8 @@ def activate(transformer: nn.Module, names: Names, weights: Sequence[float] | No
     if state.fused is not None and (tuple(names), tuple(weights)) != state.fused:
         _refuse_if_fused(transformer, "switch adapters")
     _check_known(transformer, names)
+    if state.offloaded:
+        _bring_home(transformer, state, names)
     changed = [(n, w) for n, w in zip(names, weights) if state.weights.get(n, 1.0) != w]
     disable = not names
     for layer in _layers(transformer):
@@ -306,6 +317,76 @@ def delete(transformer: nn.Module, name: str) -> None:
         transformer.delete_adapters(name)
         state.trainable = state.trainable - {name}
         state.weights.pop(name, None)
+        state.offloaded.discard(name)
+        state.resident = [n for n in state.resident if n != name]
+        state.stored.pop(name, None)
+
+
+def _move(transformer: nn.Module, name: str, device: torch.device) -> None:
+    """One offloaded adapter's weights to ``device``, the same Parameter objects. Its CPU copy is made
+    once (pinned where CUDA is, for fast copies) and kept: the adapter is frozen, so sending it back to
+    CPU only drops the device copy, and bringing it home is one host-to-device copy."""
+    state = _state(transformer)
+    params = lora_parameters(transformer, name)
+    if name not in state.stored:
+        pin = torch.cuda.is_available()
+        state.stored[name] = [
+            (q.data.to("cpu", copy=True).pin_memory() if pin else q.data.to("cpu", copy=True)) for q in params
+        ]
+    for param, cpu in zip(params, state.stored[name], strict=True):
+        param.data = cpu if device.type == "cpu" else cpu.to(device, non_blocking=True)
+
+
+def _bring_home(transformer: nn.Module, state: _State, names: list[str]) -> None:
+    """Offloaded adapters about to run go to the base's device; the least recently used others that
+    exceed ``keep`` go back to CPU memory."""
+    for n in names:
+        if n in state.offloaded:
+            if n in state.resident:
+                state.resident.remove(n)
+            else:
+                _move(transformer, n, state.home)
+            state.resident.append(n)
+    while len(state.resident) > max(state.keep, len(names)):
+        victim = next(n for n in state.resident if n not in names)
+        state.resident.remove(victim)
+        _move(transformer, victim, torch.device("cpu"))
+
+
+def offload(transformer: nn.Module, names: Names, keep: int = 1) -> None:
+    """Keep these frozen adapters (e.g. 50 teachers) in CPU memory and move one to the base's device
+    only when ``activate`` runs it, holding at most ``keep`` there at once: on a GPU the teachers of a
+    large collection need not fit beside the base (50 rank-64 Qwen-Image LoRAs are ~40 GB).
+    Idempotent; call it after each ``load_lora`` so that loading never holds them all on the GPU."""
+    names = _as_names(names)
+    _check_known(transformer, names)
+    state = _state(transformer)
+    busy = sorted(set(names) & state.trainable)
+    if busy:
+        raise ValueError(f"Trainable adapters cannot be offloaded (their optimiser lives on the GPU): {busy}")
+    if keep < 1:
+        raise ValueError("keep must be >= 1")
+    state.keep = keep
+    base = next(p for n, p in transformer.named_parameters() if ".lora_" not in n)
+    state.home = base.device
+    running = set(active(transformer)[0])
+    for n in names:
+        if n not in state.offloaded:
+            state.offloaded.add(n)
+            if n in running:
+                state.resident.append(n)
+            else:
+                _move(transformer, n, torch.device("cpu"))
+
+
+def offloaded_devices(transformer: nn.Module) -> dict[str, torch.device]:
+    """Where each offloaded adapter's weights are now (for reports and tests)."""
+    state = _state(transformer)
+    out = {}
+    for n in state.offloaded:
+        params = lora_parameters(transformer, n)
+        out[n] = params[0].device if params else torch.device("cpu")
+    return out
 
 
 def fuse(transformer: nn.Module, names: Names, weights: Sequence[float] | None = None) -> None:

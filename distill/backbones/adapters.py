@@ -324,12 +324,12 @@ def delete(transformer: nn.Module, name: str) -> None:
 
 def _move(transformer: nn.Module, name: str, device: torch.device) -> None:
     """One offloaded adapter's weights to ``device``, the same Parameter objects. Its CPU copy is made
-    once (pinned where CUDA is, for fast copies) and kept: the adapter is frozen, so sending it back to
+    once (pinned when the base is on a GPU, for fast copies) and kept: the adapter is frozen, so sending it back to
     CPU only drops the device copy, and bringing it home is one host-to-device copy."""
     state = _state(transformer)
     params = lora_parameters(transformer, name)
     if name not in state.stored:
-        pin = torch.cuda.is_available()
+        pin = state.home is not None and state.home.type == "cuda"
         state.stored[name] = [
             (q.data.to("cpu", copy=True).pin_memory() if pin else q.data.to("cpu", copy=True)) for q in params
         ]

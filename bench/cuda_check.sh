@@ -2,7 +2,11 @@
 # The real-size path on one GPU, in one go (~7 min on an H100/H200): the Qwen-Image architecture
 # (20B, random bf16 weights, 1024px) behind our backbone, then one shared base distilling with
 # student + fake + teacher adapters, then teacher offloading. Writes the tables to $OUT (or ./cuda_check) for results/.
-#   bash bench/cuda_check.sh            # needs diffusers + peft importable (see .whl in the note)
+#   bash bench/cuda_check.sh
+# Needs torch with CUDA, diffusers and peft (requirements.txt's versions). On a GPU box without network,
+# download their wheels here (pip download --no-deps diffusers==... peft==... importlib_metadata -d .whl),
+# copy .whl over and first run: pip install --no-index --no-deps --target /tmp/site .whl/*.whl;
+# export PYTHONPATH=/tmp/site. results/cuda_h200.md is its output on one H200.
 set -o pipefail
 out="${OUT:-cuda_check}"
 mkdir -p "$out"

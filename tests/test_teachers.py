@@ -291,6 +291,7 @@ def test_train_eval_list_via_cli(studio: Studio, monkeypatch, tmp_path: Path) ->
     assert (
         code == 0 and "training pairs (3" in out and "| teacher |" in out and "| base + same prompt |" in out
     )
+    assert "on its own training pairs (a fit check only)" in out  # no held-out ground truth: said so
     code, out = _cli(
         monkeypatch,
         "teacher",
@@ -358,3 +359,18 @@ def test_teachers_sample_at_their_backbones_cfg_everywhere_by_default() -> None:
     same, _, _ = generate(bb, None, "Make it warmer.", src, steps=2, cfg=bb.teacher_cfg)
     other, _, _ = generate(bb, None, "Make it warmer.", src, steps=2, cfg=4.0)
     assert nfe == 4 and torch.equal(default, same) and not torch.equal(default, other)
+
+
+def test_teacher_verdict_says_whether_the_effect_was_learned() -> None:
+    from distill.teachers import TeacherEval
+
+    def ev(psnr: float) -> TeacherEval:
+        return TeacherEval("e", "x", [psnr, psnr + 1.0], [0.5, 0.5], 1.0, 80)
+
+    on = "EffectBench-mini test sources (2)"
+    clear = teachers_service.TeacherComparison("e", ev(20.0), ev(20.0 - teachers_service.CLEAR_GAIN_DB), on)
+    assert clear.verdict().startswith("Learned: +1.00 dB")
+    weak = teachers_service.TeacherComparison("e", ev(20.0), ev(19.5), on)
+    assert weak.verdict().startswith("Not clearly learned: +0.50 dB") and "More pairs" in weak.verdict()
+    fit = teachers_service.TeacherComparison("e", ev(20.0), ev(25.0), "the effect's training pairs (3)")
+    assert "fit check only" in fit.verdict() and "-5.00 dB" in fit.verdict()

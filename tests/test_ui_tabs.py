@@ -185,6 +185,13 @@ def test_teacher_settings_and_bad_files_are_explained(studio: Studio, tmp_path: 
     row = view.panel.table.set_index("effect").loc[A]
     assert row["teacher prompt"] == "Give it a sepia tone." and row["rank"] == "2"
 
+    # the check beside the base model, on the bench's held-out sources (sepia has exact ground truth)
+    md = teachers_tab.check_teacher(studio, A, n_per_category=1)
+    assert "On EffectBench-mini test sources (2)" in md and "| teacher |" in md
+    assert "| base model, same prompt |" in md and "learned" in md.lower()
+    assert teachers_tab.check_teacher(studio, None) == "Choose an effect first."
+    assert teachers_tab.check_teacher(studio, C).startswith("**Problem:**")
+
 
 # -- Distill ---------------------------------------------------------------------------------------
 

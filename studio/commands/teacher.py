@@ -188,6 +188,7 @@ def cmd_eval(args: argparse.Namespace, studio: Studio) -> int:
         print(
             f"| {label} | {ev.psnr_mean:.2f} | {ev.psnr_worst:.2f} | {ev.ssim_mean:.3f} | {ev.seconds:.1f} |"
         )
+    print(res.verdict())
     return 0
 
 

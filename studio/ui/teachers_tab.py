@@ -193,6 +193,35 @@ def _guarded(
 MIRRORS = {"left-right": "flip_x", "upside-down": "flip_y"}  # form choice -> LoraTrainConfig field
 
 
+def check_teacher(studio: Studio, effect: str | None, n_per_category: int = 4) -> str:
+    """The effect's teacher beside the base model (same prompt, same noise) against the ground truth,
+    as markdown with a verdict; problems come back as text, never as an exception."""
+    if not effect:
+        return "Choose an effect first."
+    try:
+        res = teachers_service.evaluate(studio, effect, n_per_category=n_per_category)
+    except CURATOR_ERRORS as e:
+        return f"**Problem:** {e}"
+    except Exception as e:
+        log.exception("Teacher check failed")
+        return f"Something unexpected went wrong ({type(e).__name__}); the details are in the studio's log."
+    rows = [
+        f"| {label} | {ev.psnr_mean:.2f} | {ev.psnr_worst:.2f} | {ev.ssim_mean:.3f} |"
+        for label, ev in (("teacher", res.teacher), ("base model, same prompt", res.base))
+    ]
+    return "\n".join(
+        [
+            f"On {res.on}, {res.teacher.nfe} NFE per image:",
+            "",
+            "| system | PSNR mean (dB) | PSNR worst | SSIM |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"**{res.verdict()}**",
+        ]
+    )
+
+
 def train_config(
     studio: Studio,
     rank: float | None,
@@ -340,6 +369,10 @@ def build(studio: Studio, app: gr.Blocks) -> None:
         )
         import_btn = gr.Button("Import as teacher", elem_id="teachers-import")
 
+    with gr.Accordion("Check a teacher against the base model", open=False):
+        check_btn = gr.Button("Check the effect's teacher", elem_id="teachers-check")
+        check_md = gr.Markdown(elem_id="teachers-check-result")
+
     notice = gr.Markdown(elem_id="teachers-notice")
     error = gr.Textbox(label="Problem", lines=3, interactive=False, visible=False, elem_id="teachers-error")
 
@@ -394,6 +427,7 @@ def build(studio: Studio, app: gr.Blocks) -> None:
         view_outputs,
         concurrency_limit=1,
     )
+    check_btn.click(lambda e: check_teacher(studio, e), effect_in, check_md, concurrency_limit=1)
     stop_btn.click(lambda r, e: out(stop(studio, r, e)), [run_in, effect_in], view_outputs)
     resume_btn.click(lambda r, e: out(resume(studio, r, e)), [run_in, effect_in], view_outputs)
     run_in.input(lambda r: poll(studio, r).updates(), run_in, panel_outputs)

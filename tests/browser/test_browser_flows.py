@@ -123,6 +123,11 @@ def test_upload_train_distil_preview_export(flows_server, tmp_path):
             expect(page.locator("#teachers-table")).to_contain_text("trained")
             expect(page.locator("#teachers-samples img")).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "flows-teacher-done.png"), full_page=True)
+            page.get_by_text("Check a teacher against the base model").click()
+            page.locator("#teachers-check").click()
+            expect(page.locator("#teachers-check-result")).to_contain_text(
+                "over the base model given the same prompt", timeout=120_000
+            )
 
             # 3. Prompts: a trigger and a student prompt for the effect.
             page.get_by_role("tab", name="Prompts").click()

@@ -695,7 +695,8 @@ def main() -> None:
         prompts.update(student_prompts(s, names + new))
         ext_specs = effect_specs(s, names + new, prompts, new=set(new))
         # the paper's extension: a short run, a fifth of Ours' steps (coarse stage in proportion)
-        ext_steps = max(2, (args.distill_steps or DistillConfig.for_backbone("tiny").steps) // 5)
+        ours_steps = DistillConfig.for_backbone("tiny", len(names), **ours).steps  # as Ours ran, N-scaled
+        ext_steps = max(2, ours_steps // 5)
         ext_cfg = DistillConfig.for_backbone("tiny", **{**ours, "steps": ext_steps})
         distill_adapter(s, "ours_ext", ext_specs, ext_cfg, init="ours")
         all_entries = entries + [

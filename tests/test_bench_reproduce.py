@@ -29,7 +29,7 @@ def _reproduce(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reproduce")
-    p = _reproduce("--quick", "--work", str(tmp / "work"), "--out", str(tmp / "out"))
+    p = _reproduce("--quick", "--extend", "1", "--work", str(tmp / "work"), "--out", str(tmp / "out"))
     assert p.returncode == 0, p.stderr[-3000:]
     return tmp
 
@@ -80,3 +80,14 @@ def test_set_is_checked_before_any_training(tmp_path, monkeypatch, capsys, value
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # rejected before anything was trained or written
+
+
+def test_quick_run_extends_the_collection(quick_run):
+    """Table 5: one new effect added to the finished CollectionLoRA by a short run."""
+    summary = json.loads((quick_run / "out" / "table1_quick.json").read_text())
+    ext = summary["extension"]
+    assert len(ext["new_effects"]) == 1
+    ours_ext = next(k for k in ext["systems"] if k.startswith("Ours extended"))
+    assert math.isfinite(ext["systems"][ours_ext]["psnr"])
+    md = (quick_run / "out" / "table1_quick.md").read_text()
+    assert "Table 5 analogue" in md and ours_ext in md

@@ -135,9 +135,12 @@ class CollectionDistiller:
         self.ema = [p.detach().clone() for p in self.student_params] if config.ema_decay > 0 else None
         self.gen = torch.Generator().manual_seed(config.seed * 1009 + self.rank)
         self.step = 0
+        # the dynamic shift counts latent tokens (as the sampler does), so ask the backbone for a latent
         h = backbone.image_size
+        with torch.no_grad():
+            latent_shape = tuple(backbone.encode_images(torch.zeros(1, 3, h, h)).shape)
         self.sigmas = sigma_schedule(
-            config.student_steps, backbone.image_seq_len((1, 3, h, h)), backbone.schedule
+            config.student_steps, backbone.image_seq_len(latent_shape), backbone.schedule
         ).to(backbone.device)
         self.cache = TargetCache(
             backbone,

@@ -10,7 +10,6 @@ Prints a markdown table. Memory is ``torch.cuda.memory_allocated`` (CPU: not mea
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,15 +24,15 @@ import torch  # noqa: E402
 from distill.backbones import adapters  # noqa: E402
 
 
-def _synthetic_backbone():
-    """bench/distill.py's Qwen-Image transformer with stand-in encoders (loaded by path: the file's
-    name would shadow the ``distill`` package)."""
+def _backbone(args: argparse.Namespace):
+    """bench/distill.py's Qwen-Image transformer with stand-in encoders, built as that bench builds it
+    (loaded by path: the file's name would shadow the ``distill`` package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_distill", ROOT / "bench" / "distill.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.SyntheticQwenBackbone
+    return mod._backbone(args)[0]
 
 
 def _sync(cuda: bool) -> None:
@@ -62,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cuda and not torch.cuda.is_available():
         raise SystemExit("--cuda needs a CUDA GPU; none is visible.")
     cuda = args.cuda
-    Backbone = _synthetic_backbone()
-    if cuda:
-        bb = Backbone(args.size, args.text_len, "cuda", torch.bfloat16)
-    else:
-        bb = Backbone(args.size, args.text_len, "cpu", torch.float32, json.loads(args.qwen_config))
+    bb = _backbone(args)
     tr = bb.transformer
     base_gib = _gib(cuda)
     names = [f"teacher_{i}" for i in range(args.teachers)]

@@ -3,7 +3,6 @@ backbone whose latents differ from its images in channels and size, on both PDSR
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,16 @@ from distill.targets import EffectSpec
 from distill.trainer import STUDENT, CollectionDistiller, GeneralData, adapter_params
 
 
-@pytest.mark.parametrize("p_switch", [0.0, 1.0], ids=["general-stream", "effect-stream"])
-def test_distiller_trains_the_student_on_the_qwen_backbone(tmp_path: Path, monkeypatch, p_switch) -> None:
+@pytest.fixture()
+def bb(monkeypatch) -> QwenImageEditBackbone:
     patch_image_sizes(monkeypatch)
-    bb = QwenImageEditBackbone.from_components(**tiny_qwen_components(), image_size=IMAGE_SIZE, device="cpu")
+    return QwenImageEditBackbone.from_components(
+        **tiny_qwen_components(), image_size=IMAGE_SIZE, device="cpu"
+    )
+
+
+@pytest.mark.parametrize("p_switch", [0.0, 1.0], ids=["general-stream", "effect-stream"])
+def test_distiller_trains_the_student_on_the_qwen_backbone(tmp_path: Path, bb, p_switch) -> None:
     torch.manual_seed(0)
     for p in adapters.add_lora(bb.transformer, "teacher-a", adapters.LoraSpec(rank=4, alpha=4.0)):
         with torch.no_grad():
@@ -55,18 +60,16 @@ def test_distiller_trains_the_student_on_the_qwen_backbone(tmp_path: Path, monke
     assert all(torch.isfinite(p).all() for p in adapter_params(bb.transformer, STUDENT).values())
 
 
-def test_student_schedule_is_the_samplers_on_latents(tmp_path: Path, monkeypatch) -> None:
+def test_student_schedule_is_the_samplers_on_latents(tmp_path: Path, bb) -> None:
     """The student trains on the sigmas its 8-step sampler will use: the dynamic shift is set by the
     number of latent tokens, not of pixels (at 1024 px the pixel count would shift every sigma to ~1)."""
     from distill.flow import sigma_schedule
 
-    patch_image_sizes(monkeypatch)
-    bb = QwenImageEditBackbone.from_components(**tiny_qwen_components(), image_size=IMAGE_SIZE, device="cpu")
     src = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    cfg = DistillConfig.for_backbone("qwen-image-edit", student_steps=8, coarse_ratio=0.0, sample_every=0)
-    d = CollectionDistiller(
-        bb, [], GeneralData(src, ["Keep it.", "Flip it."]), replace(cfg, p_switch=0.0), tmp_path
+    cfg = DistillConfig.for_backbone(
+        "qwen-image-edit", student_steps=8, coarse_ratio=0.0, sample_every=0, p_switch=0.0
     )
+    d = CollectionDistiller(bb, [], GeneralData(src, ["Keep it.", "Flip it."]), cfg, tmp_path)
     latents = bb.encode_images(src)
     expected = sigma_schedule(8, bb.image_seq_len(tuple(latents.shape)), bb.schedule)
     assert torch.allclose(d.sigmas.cpu(), expected)

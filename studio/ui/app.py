@@ -21,6 +21,7 @@ from . import (
     distill_tab,
     effects_tab,
     evaluate_tab,
+    guide,
     preview_tab,
     prompts_tab,
     runs_view,
@@ -75,9 +76,27 @@ def build_app(studio: Studio, tabs: list[tuple[str, TabBuilder]] | None = None) 
         )
         with gr.Tabs():
             for title, builder in tabs or TABS:
-                with gr.Tab(title, id=title.lower()):
+                tab_id = title.lower()
+                with gr.Tab(title, id=tab_id) as tab:
+                    if tab_id in guide.GUIDED_TABS:
+                        _next_step(studio, app, tab, tab_id)
                     builder(studio, app)
     return app
+
+
+def _next_step(studio: Studio, app: gr.Blocks, tab: gr.Tab, tab_id: str) -> None:
+    """The tab's next-step hint (``guide``), read when the page loads and whenever the tab is selected."""
+
+    def read() -> str:
+        try:
+            return guide.hint_for(studio, tab_id)
+        except Exception:  # a hint never breaks the tab; the tab's own view reports a broken store
+            log.exception("next-step hint for the %s tab", tab_id)
+            return ""
+
+    md = gr.Markdown(elem_id=f"{tab_id}-next-step")
+    app.load(read, outputs=md, show_progress="hidden")
+    tab.select(read, outputs=md, show_progress="hidden")
 
 
 def launch(

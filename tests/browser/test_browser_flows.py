@@ -107,7 +107,10 @@ def test_upload_train_distil_preview_export(flows_server, tmp_path):
             page.locator("#import-button").click()
             expect(page.locator("#effects-notice")).to_contain_text("Imported sepia with 6 pairs")
 
-            # 2. Teachers: a 3-step training in a worker; the progress bar reaches "Done".
+            # 2. Teachers: a 3-step training in a worker; the progress bar reaches "Done". Preview first
+            # says it has nothing to show yet.
+            page.get_by_role("tab", name="Preview").click()
+            expect(page.locator("#preview-next-step")).to_contain_text("No finished CollectionLoRA yet")
             page.get_by_role("tab", name="Teachers").click()
             expect(page.locator("#teachers-table")).to_contain_text("none yet")
             page.locator("#teachers-steps input").fill("3")
@@ -129,13 +132,18 @@ def test_upload_train_distil_preview_export(flows_server, tmp_path):
                 "over the base model given the same prompt", timeout=120_000
             )
 
-            # 3. Prompts: a trigger and a student prompt for the effect.
+            # 3. Prompts: a trigger and a student prompt for the effect (Distill says it needs them).
+            page.get_by_role("tab", name="Distill").click()
+            expect(page.locator("#distill-next-step")).to_contain_text(
+                "sepia still needs a trigger word and a student prompt"
+            )
             page.get_by_role("tab", name="Prompts").click()
             page.locator("#prompts-generate").click()
             expect(page.locator("#prompts-notice")).to_contain_text("Wrote 1 student prompt", timeout=60_000)
 
             # 4. Distill: launch a 2-step run, watch it to the end (curves, samples, history).
             page.get_by_role("tab", name="Distill").click()
+            expect(page.locator("#distill-next-step")).not_to_contain_text("still needs")
             expect(page.locator("#distill-effects input[type=checkbox]").first).to_be_checked()
             page.locator("#distill-steps input").fill("2")
             page.locator("#distill-critic input").fill("1")
@@ -154,6 +162,7 @@ def test_upload_train_distil_preview_export(flows_server, tmp_path):
 
             # 5. Preview: the student beside the teacher on a bench test source, NFE and time shown.
             page.get_by_role("tab", name="Preview").click()
+            expect(page.locator("#preview-next-step")).not_to_contain_text("No finished")
             expect(page.locator("#preview-run input")).to_have_value(re.compile(r"^run #2 "))
             page.locator("#preview-run-button").click()
             notes = page.locator("#preview-notes")

@@ -8,6 +8,7 @@ One distillation of 2 steps is shared by the preview, evaluate and deploy tests.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -305,13 +306,33 @@ def test_preview_student_beside_teacher_with_nfe_and_time(distilled: tuple[Studi
 
 def test_evaluate_shows_results_and_scores_a_student(distilled: tuple[Studio, int], tmp_path: Path) -> None:
     empty = evaluate_tab.read_results(tmp_path / "nothing")
-    assert "No bench results" in empty.tables and empty.images == []
-    (tmp_path / "res").mkdir()
-    (tmp_path / "res" / "table1.md").write_text("| system | PSNR |\n|---|---|\n| Ours | 21.3 |\n")
-    Image.new("RGB", (8, 8)).save(tmp_path / "res" / "fig_7.png")
-    r = evaluate_tab.read_results(tmp_path / "res")
-    assert "results/table1.md" in r.tables and "| Ours | 21.3 |" in r.tables
-    assert r.images == [(str(tmp_path / "res" / "fig_7.png"), "fig 7")]
+    assert "No bench results" in empty.message and empty.files == [] and empty.overview.empty
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "table1_10fx10.md").write_text("| system | PSNR |\n|---|---|\n| Ours | 21.3 |\n")
+    for tag, n, ours in (("10fx10", 10, 23.1), ("10fx7", 10, 20.9), ("50fx8", 50, 17.6)):
+        systems = {
+            "Base": {"psnr": 24.0, "bcr": 0.2},
+            "FM+Lightning": {"psnr": 20.0, "bcr": 0.35},
+            "Ours": {"psnr": ours, "bcr": 0.25},
+        }
+        gap = {"Ours": {"mean": ours - 24.0, "low": ours - 24.2, "high": ours - 23.8}}
+        summary = {"tag": tag, "effects": ["x"] * n, "systems": systems, "psnr_vs_base": gap}
+        (res / f"table1_{tag}.json").write_text(json.dumps(summary))
+    (res / "table1_broken.json").write_text("{")  # half-written: left out, nothing else breaks
+    Image.new("RGB", (8, 8)).save(res / "grid_10fx10.png")
+    Image.new("RGB", (8, 8)).save(res / "fig_7.png")
+    r = evaluate_tab.read_results(res)
+    assert list(r.overview["run"]) == ["10fx7", "10fx10", "50fx8"]  # by effects, then run number
+    row = r.overview.iloc[1].tolist()
+    assert row == ["10fx10", 10, "24.00 / 0.200", "20.00 / 0.350", "23.10 / 0.250", "-0.90 [-1.10, -0.70]"]
+    assert r.files == ["table1_10fx10.md", "fig_7.png"]  # the grid belongs to its run's table
+    text, plots = evaluate_tab.read_result("table1_10fx10.md", res)
+    assert "results/table1_10fx10.md" in text and "| Ours | 21.3 |" in text
+    assert plots == [(str(res / "grid_10fx10.png"), "grid 10fx10")]
+    assert evaluate_tab.read_result("fig_7.png", res)[1] == [(str(res / "fig_7.png"), "fig 7")]
+    assert "no result file" in evaluate_tab.read_result("../secret.md", res)[0]
+    assert evaluate_tab.read_result(None, res) == ("Pick a result file to read it.", [])
 
     st, run_id = distilled
     view = evaluate_tab.quick_eval(st, run_id, 1)

@@ -1,5 +1,5 @@
-"""The Evaluate tab: the committed bench results (results/*.md tables, results/*.png plots and grids)
-and a quick check of a finished student on a few EffectBench-mini test sources.
+"""The Evaluate tab: the committed bench results (an overview of the full runs, then any results/*.md
+table with its run's plots) and a quick check of a finished student on a few EffectBench-mini test sources.
 
 The quick evaluation is short by construction (the student's 8 NFE on 2-4 sources per category per
 effect: seconds on the tiny backbone), so it runs in the studio process through
@@ -8,8 +8,10 @@ effect: seconds on the tiny backbone), so it runs in the studio process through
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,30 +34,100 @@ SCORE_HEADERS = ["effect", "images", "PSNR (dB)", "bad-case rate"]
 CURATOR_ERRORS = (PreviewError, BlobStoreError, BlobNotFoundError, DatabaseError)
 
 
+OVERVIEW_HEADERS = [
+    "run",
+    "effects",
+    "Base (80 NFE)",
+    "FM+Lightning (8 NFE)",
+    "Ours (8 NFE)",
+    "Ours - Base (dB)",
+]
+
+
+def _natural(name: str) -> list:
+    """Sort key: numbers by value (10fx7 before 10fx10)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _tag(stem: str) -> str:
+    """What a result file is about: ``table1_10fx25`` and ``grid_10fx25`` are both run ``10fx25``."""
+    return stem.split("_", 1)[1] if "_" in stem else stem
+
+
 @dataclass
 class Results:
-    tables: str  # every results/*.md, one after another, each under its file name
-    images: list[tuple[str, str]]  # (path, caption) of results/*.png
+    """The committed bench results: one overview row per full run, and every file to read on its own."""
+
+    overview: pd.DataFrame  # a row per results/table1_<tag>.json: PSNR / BCR of each system
+    files: list[str]  # results/*.md, then plots no table claims, naturally sorted
+    message: str  # what to tell a curator when there is nothing to show
+
+
+def _cell(systems: dict, name: str) -> str:
+    m = systems.get(name)
+    return f"{m['psnr']:.2f} / {m['bcr']:.3f}" if m else ""
+
+
+def _overview_row(path: Path) -> list | None:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        systems = d["systems"]
+        gap = d.get("psnr_vs_base", {}).get("Ours")
+        return [
+            d.get("tag", _tag(path.stem)),
+            len(d.get("effects", [])),
+            _cell(systems, "Base"),
+            _cell(systems, "FM+Lightning"),
+            _cell(systems, "Ours"),
+            f"{gap['mean']:+.2f} [{gap['low']:+.2f}, {gap['high']:+.2f}]" if gap else "",
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a half-written or foreign JSON is left out of the overview; its .md still reads
 
 
 def read_results(root: Path = RESULTS_DIR) -> Results:
-    """The bench's committed tables and plots (sorted by name)."""
+    """The overview of the bench's full runs and the list of result files under ``root``."""
     root = Path(root)
-    mds = sorted(root.glob("*.md")) if root.is_dir() else []
-    pngs = sorted(root.glob("*.png")) if root.is_dir() else []
-    if not mds and not pngs:
-        return Results(
-            f"No bench results under `{root}` yet: `python bench/reproduce.py` writes the tables "
-            "and plots there.",
-            [],
-        )
-    parts = []
-    for p in mds:
-        try:
-            parts.append(f"---\n#### `results/{p.name}`\n\n{p.read_text(encoding='utf-8')}")
-        except (OSError, UnicodeDecodeError) as e:
-            parts.append(f"---\n#### `results/{p.name}`\n\n(could not be read: {e})")
-    return Results("\n\n".join(parts), [(str(p), p.stem.replace("_", " ")) for p in pngs])
+    if not root.is_dir():
+        return Results(pd.DataFrame(columns=OVERVIEW_HEADERS), [], _nothing(root))
+    rows = [r for p in root.glob("table1_*.json") if (r := _overview_row(p)) is not None]
+    rows.sort(key=lambda r: (r[1], _natural(str(r[0]))))
+    mds = sorted((p.name for p in root.glob("*.md")), key=_natural)
+    claimed = {_tag(Path(m).stem) for m in mds}
+    loose = sorted((p.name for p in root.glob("*.png") if _tag(p.stem) not in claimed), key=_natural)
+    files = mds + loose
+    return Results(
+        pd.DataFrame(rows, columns=OVERVIEW_HEADERS),
+        files,
+        "" if files else _nothing(root),
+    )
+
+
+def _nothing(root: Path) -> str:
+    return (
+        f"No bench results under `{root}` yet: `python bench/reproduce.py` writes the tables and plots there."
+    )
+
+
+def read_result(name: str | None, root: Path = RESULTS_DIR) -> tuple[str, list[tuple[str, str]]]:
+    """One result file as (markdown, plots): a table with the plots of the same run (``grid_<tag>.png``
+    beside ``table1_<tag>.md``), or a plot on its own."""
+    root = Path(root)
+    if not name:
+        return "Pick a result file to read it.", []
+    path = root / name
+    if path.parent != root or not path.is_file():
+        return f"There is no result file `results/{name}`.", []
+    if path.suffix == ".png":
+        return f"`results/{name}`", [(str(path), path.stem.replace("_", " "))]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        text = f"(could not be read: {e})"
+    plots = sorted(
+        (p for p in root.glob("*.png") if _tag(p.stem) == _tag(path.stem)), key=lambda p: _natural(p.name)
+    )
+    return f"`results/{name}`\n\n{text}", [(str(p), p.stem.replace("_", " ")) for p in plots]
 
 
 def _fmt(v: float, digits: int) -> str:
@@ -153,21 +225,35 @@ def build(studio: Studio, app: gr.Blocks) -> None:
             label="Per effect",
             elem_id="evaluate-table",
         )
-    gr.Markdown("### Bench results (committed under `results/`)")
-    refresh_btn = gr.Button("Reload results", size="sm", elem_id="evaluate-refresh")
+    gr.Markdown(
+        "### Bench results (committed under `results/`)\n"
+        "Each full run of `bench/reproduce.py`: PSNR (dB) / bad-case rate of each system against the exact "
+        "ground truth, and Ours' PSNR difference to the 80-NFE teachers, paired per image (95% interval)."
+    )
+    overview = gr.Dataframe(
+        value=pd.DataFrame(columns=OVERVIEW_HEADERS),
+        headers=OVERVIEW_HEADERS,
+        interactive=False,
+        label="Full bench runs",
+        elem_id="evaluate-overview",
+    )
+    with gr.Row():
+        file_in = gr.Dropdown(choices=[], value=None, label="Read a result file", elem_id="evaluate-file")
+        refresh_btn = gr.Button("Reload results", size="sm", elem_id="evaluate-refresh")
     tables = gr.Markdown(elem_id="evaluate-results")
     plots = gr.Gallery(
         label="Plots and grids", columns=2, height="auto", object_fit="contain", elem_id="evaluate-plots"
     )
 
+    def results_view(chosen: str | None) -> tuple:
+        r = read_results()
+        chosen = chosen if chosen in r.files else None
+        text, images = read_result(chosen) if r.files else (r.message, [])
+        return r.overview, gr.update(choices=r.files, value=chosen), text, images
+
     def on_load():
         choices = student_choices(studio)
-        r = read_results()
-        return gr.update(choices=choices, value=choices[0][1] if choices else None), r.tables, r.images
-
-    def on_refresh():
-        r = read_results()
-        return r.tables, r.images
+        return gr.update(choices=choices, value=choices[0][1] if choices else None), *results_view(None)
 
     def on_eval(run_id, n, progress=gr.Progress()):
         def report(i: int, total: int) -> None:
@@ -180,7 +266,9 @@ def build(studio: Studio, app: gr.Blocks) -> None:
         ids = [r for _, r in choices]
         return gr.update(choices=choices, value=run_id if run_id in ids else (ids[0] if ids else None))
 
-    app.load(on_load, outputs=[run_in, tables, plots])
+    results_outputs = [overview, file_in, tables, plots]
+    app.load(on_load, outputs=[run_in, *results_outputs])
     runs_view.on_tab_selected(on_select, [run_in], [run_in])
-    refresh_btn.click(on_refresh, None, [tables, plots])
+    refresh_btn.click(results_view, file_in, results_outputs)
+    file_in.input(lambda name: read_result(name), file_in, [tables, plots])
     go_btn.click(on_eval, [run_in, n_in], [table, summary, error], concurrency_limit=1)

@@ -24,7 +24,7 @@ def _hints(studio) -> dict[str, str]:
 def test_hints_follow_the_curator_through_the_steps(studio, tmp_path):
     empty = _hints(studio)
     assert all("No effects yet" in empty[t] for t in ("teachers", "prompts", "distill"))
-    assert all("No finished CollectionLoRA" in empty[t] for t in ("preview", "evaluate", "deploy"))
+    assert all("No finished CollectionLoRA" in empty[t] for t in ("preview", "evaluate"))
     assert "import effects in **Effects**" in empty["preview"]
 
     # an effect without a teacher: Teachers and Prompts have work; Distill points to Teachers
@@ -48,7 +48,7 @@ def test_hints_follow_the_curator_through_the_steps(studio, tmp_path):
 def test_every_prompted_teacher_clears_distill_and_a_student_clears_the_rest(studio, tmp_path):
     add_toy_effect(studio, tmp_path, "frame", 2, toy_prompts=True)
     assert guide.hint_for(studio, "distill") == ""
-    assert guide.hint_for(studio, "deploy") != ""
+    assert guide.hint_for(studio, "preview") != ""
     lora_files.store_lora(
         studio,
         lambda p: toy_lora_file(p, 5),
@@ -72,4 +72,4 @@ def test_the_page_has_a_hint_box_on_each_guided_tab(studio):
     app = build_app(studio)
     ids = {b.elem_id for b in app.blocks.values() if isinstance(b, gr.Markdown)}
     assert {f"{t}-next-step" for t in guide.GUIDED_TABS} <= ids
-    assert "effects-next-step" not in ids  # the Effects tab has its own empty-library banner
+    assert not ids & {"effects-next-step", "deploy-next-step"}  # they have their own empty-state lines

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from .. import library, preview_service, prompts_service, teachers_service
 from ..context import Studio
 
-# The tabs that carry a hint, by their ``gr.Tab`` id (the title in lower case).
-GUIDED_TABS = ("teachers", "prompts", "distill", "preview", "evaluate", "deploy")
+# The tabs that carry a hint, by their ``gr.Tab`` id (the title in lower case). Effects has its own
+# empty-library banner and Deploy its own "no finished distillation" line.
+GUIDED_TABS = ("teachers", "prompts", "distill", "preview", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def hint(tab: str, r: Readiness) -> str:
                 "tab (or leave them unticked here)."
             )
         return ""
-    if tab in ("preview", "evaluate", "deploy"):
+    if tab in ("preview", "evaluate"):
         if r.students:
             return ""
         first = "import effects in **Effects**, " if r.effects == 0 else ""

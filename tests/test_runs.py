@@ -353,3 +353,32 @@ def test_a_just_launched_worker_is_not_taken_for_dead(studio: Studio) -> None:
             run.pid, run.host, run.heartbeat_at = os.getpid(), me, beat  # alive, but not a worker
     assert runs.reconcile(studio) == [stale]
     assert run_row(studio, fresh).status == RunStatus.QUEUED
+
+
+def test_gpu_count_imports_torch_only_where_a_gpu_driver_is(monkeypatch) -> None:
+    import glob
+
+    import torch
+
+    monkeypatch.setattr(runs, "_gpu_count", None)
+    monkeypatch.setattr(glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("torch asked without a GPU driver"))
+    assert runs.gpu_count() == 0
+
+    monkeypatch.setattr(runs, "_gpu_count", None)
+    monkeypatch.setattr(glob, "glob", lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert runs.gpu_count() == 3
+
+
+def test_a_queued_worker_waits_without_torch() -> None:
+    """A run queued behind another holds a worker; without a GPU that worker must not load torch (~0.5 GB
+    each: fifty queued teacher trainings would hold 27 GB)."""
+    import glob
+
+    if any(glob.glob(p) for p in runs.GPU_DEVICE_FILES):
+        pytest.skip("a GPU driver is present: counting its devices needs torch")
+    probe = "import sys; from studio import runs, worker; runs.run_devices({}); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

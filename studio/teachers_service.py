@@ -268,6 +268,24 @@ def submit_training(studio: Studio, effect_name: str, config: LoraTrainConfig | 
     return runs.submit(studio, RUN_KIND, run_config, name=f"teacher {effect_name}", effect_id=effect.id)
 
 
+def submit_missing(studio: Studio, config: LoraTrainConfig | None = None) -> list[tuple[str, int]]:
+    """Queue a teacher training for every effect that has no teacher and none queued or training;
+    returns (effect, run id) in library order. The runs go one after another on the device."""
+    from . import runs
+
+    busy = {
+        v.effect_id for v in runs.list_runs(studio, RUN_KIND) if v.status in {a.value for a in runs.ACTIVE}
+    }
+    config = check_train_config(config or default_config(studio))
+    ids = {e.name: e.id for e in library.list_effects(studio)}
+    todo = [n for n in effects_without_teacher(studio) if ids.get(n) not in busy]
+    if not todo:
+        raise TeacherError(
+            "Every effect has a teacher or one training already." if ids else "There are no effects yet."
+        )
+    return [(n, submit_training(studio, n, config)) for n in todo]
+
+
 # ------------------------------------------------------------------------------------------------
 # import
 

@@ -156,6 +156,29 @@ def test_teacher_run_shows_progress_samples_and_finishes(studio: Studio, tmp_pat
     assert panel.table.set_index("effect").loc[C, "teacher"].endswith("trained")
 
 
+def test_train_every_missing_teacher_queues_one_run_each_and_never_twice(
+    studio: Studio, tmp_path: Path
+) -> None:
+    for k, name in enumerate(("frame", "dusk", "glow")):
+        add_toy_effect(studio, tmp_path, name, 10 + k, teacher_std=None)
+    view = teachers_tab.train_missing(studio, None, 4, 3, 1e-3, FAST_TEACHER)
+    assert not view.error, view.error
+    queued = {v.effect_id: v for v in runs.list_runs(studio, "teacher")}
+    assert len(queued) == 3  # A and B have teachers already
+    first, last = min(v.id for v in queued.values()), max(v.id for v in queued.values())
+    assert f"Queued 3 teacher trainings (runs {first}-{last}), 3 steps each" in view.notice
+    assert "frame, dusk, glow" in view.notice and view.run_id == first
+    assert all(v.config["train"]["steps"] == 3 and v.config["train"]["rank"] == 4 for v in queued.values())
+
+    # pressed again while they wait: nothing new; one finished without a teacher is queued again
+    again = teachers_tab.train_missing(studio, None, 4, 3, 1e-3, FAST_TEACHER)
+    assert "Every effect has a teacher or one training already" in again.error
+    _set_status(studio, first, RunStatus.FAILED)
+    view = teachers_tab.train_missing(studio, None, 4, 3, 1e-3, "")
+    assert "Queued 1 teacher training (run " in view.notice and "frame" in view.notice
+    assert "Steps" in teachers_tab.train_missing(studio, None, 4, 0, 1e-3, "").error
+
+
 def test_teacher_settings_and_bad_files_are_explained(studio: Studio, tmp_path: Path) -> None:
     cases = [
         ((A, 0, 10, 1e-3, ""), "Rank must be a whole number"),

@@ -272,6 +272,34 @@ def start_training(
     return _guarded(studio, effect, None, action)
 
 
+def train_missing(
+    studio: Studio,
+    effect: str | None,
+    rank: float | None,
+    steps: float | None,
+    lr: float | None,
+    extra: str | None = "",
+) -> View:
+    """Queue a teacher training, with the form's settings, for every effect still without a teacher."""
+
+    def action() -> tuple[str, str | None, int | None]:
+        config = train_config(studio, rank, steps, lr, extra, ())
+        queued = teachers_service.submit_missing(studio, config)
+        names = ", ".join(n for n, _ in queued[:6]) + (
+            f" and {len(queued) - 6} more" if len(queued) > 6 else ""
+        )
+        first, last = queued[0][1], queued[-1][1]
+        ids = f"run {first}" if first == last else f"runs {first}-{last}"
+        return (
+            f"Queued {len(queued)} teacher training{'s' if len(queued) != 1 else ''} ({ids}), {config.steps} "
+            f"steps each, one after another: {names}. Mirrored pairs are left out (they suit only some effects).",
+            effect,
+            first,
+        )
+
+    return _guarded(studio, effect, None, action)
+
+
 def import_lora(studio: Studio, effect: str | None, file: str | Path | None, prompt: str = "") -> View:
     """Register an uploaded .safetensors LoRA as the effect's teacher (checked on the backbone first)."""
 
@@ -356,7 +384,11 @@ def build(studio: Studio, app: gr.Blocks) -> None:
             label='More settings (JSON, optional), e.g. {"batch": 4, "sample_every": 50}',
             elem_id="teachers-extra",
         )
-        train_btn = gr.Button("Train teacher", variant="primary", elem_id="teachers-train")
+        with gr.Row():
+            train_btn = gr.Button("Train teacher", variant="primary", elem_id="teachers-train")
+            train_all_btn = gr.Button(
+                "Train every effect without a teacher", elem_id="teachers-train-missing"
+            )
     with gr.Accordion("Import a LoRA file", open=False):
         file_in = gr.File(
             label="Teacher LoRA (.safetensors: diffusers, kohya/ComfyUI or ai-toolkit keys)",
@@ -418,6 +450,12 @@ def build(studio: Studio, app: gr.Blocks) -> None:
     train_btn.click(
         lambda e, r, s, lr, x, m: out(start_training(studio, e, r, s, lr, x, m)),
         [effect_in, rank_in, steps_in, lr_in, extra_in, mirror_in],
+        view_outputs,
+        concurrency_limit=1,
+    )
+    train_all_btn.click(
+        lambda e, r, s, lr, x: out(train_missing(studio, e, r, s, lr, x)),
+        [effect_in, rank_in, steps_in, lr_in, extra_in],
         view_outputs,
         concurrency_limit=1,
     )

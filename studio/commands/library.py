@@ -23,6 +23,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--category", choices=["animal", "portrait", "mixed"], default=None)
     p.set_defaults(handler=cmd_import)
 
+    p = sub.add_parser(
+        "import-bank",
+        help="import a whole LoRA bank: a folder with one sub-folder per effect",
+        description="Each effect sub-folder holds pairs/ (or pairs.zip), prompt.txt (the teacher prompt) and, "
+        "optionally, the effect's existing LoRA (.safetensors), which becomes its teacher. Folders with a "
+        "problem are skipped with the reason; the others are imported; effects already there are left alone.",
+    )
+    p.add_argument("folder", type=Path)
+    p.set_defaults(handler=cmd_import_bank)
+
     eff = sub.add_parser("effects", help="list, show, rename, prompt or delete effects")
     esub = eff.add_subparsers(dest="effects_command", required=True, metavar="ACTION")
     p = esub.add_parser("list", help="one effect a line")
@@ -66,6 +76,34 @@ def cmd_import(args: argparse.Namespace, studio: Studio) -> None:
     for w in res.warnings:
         print(f"warning: {w}")
     print(f"imported {res.pairs} pairs into effect '{res.name}'")
+
+
+def cmd_import_bank(args: argparse.Namespace, studio: Studio) -> int:
+    from tqdm import tqdm
+
+    from ..bank import import_bank
+
+    with tqdm(unit="effect", desc="importing") as bar:
+
+        def on_effect(i: int, n: int, name: str) -> None:
+            bar.total = n
+            bar.n = i
+            bar.set_postfix_str(name)
+            bar.refresh()
+
+        result = import_bank(studio, args.folder, on_effect)
+        bar.n = bar.total or 0
+        bar.refresh()
+    print(
+        f"imported {len(result.imported)} effect{'s' if len(result.imported) != 1 else ''}"
+        f" ({len(result.teachers)} with their LoRA as teacher)"
+        + (f": {', '.join(result.imported)}" if result.imported else "")
+    )
+    for name, note in result.notes:
+        print(f"note: {name}: {note}")
+    for folder, why in result.skipped:
+        print(f"skipped {folder}/: {why}")
+    return 1 if result.skipped else 0
 
 
 def cmd_list(args: argparse.Namespace, studio: Studio) -> None:

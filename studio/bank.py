@@ -1,0 +1,145 @@
+"""Import a whole LoRA bank at once: one sub-folder per effect, each with its pairs, its teacher prompt
+and, if the curator has one, the effect's existing LoRA::
+
+    bank/
+        warm-film/
+            pairs/ (or pairs.zip)   any layout ``read_pairset`` accepts
+            prompt.txt              the teacher prompt (the instruction the LoRA was trained with)
+            warm_film_v3.safetensors   optional: imported as the effect's teacher
+        neon-glow/
+            ...
+
+Every effect is checked on its own: a folder with a problem is skipped with the reason and the others
+are imported, so one broken folder never costs the rest. Effects already in the library are left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import library, teachers_service
+from .context import Studio
+from .library import LibraryError
+from .pairsets import PairSetError
+
+PROMPT_FILE = "prompt.txt"
+PAIRS = ("pairs", "pairs.zip")
+
+
+class BankError(ValueError):
+    """The bank as a whole cannot be read (not a folder, no effect folders)."""
+
+
+@dataclass(frozen=True)
+class BankEntry:
+    """One effect folder of a bank, as found (nothing imported yet)."""
+
+    name: str
+    folder: Path
+    pairs: Path | None
+    prompt: str
+    lora: Path | None
+    problem: str = ""  # why it cannot be imported, "" when it can
+
+
+@dataclass
+class BankResult:
+    imported: list[str] = field(default_factory=list)  # effects added to the library
+    teachers: list[str] = field(default_factory=list)  # of those, the ones whose LoRA became the teacher
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (folder, why): nothing was imported
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (effect, what to know): imported anyway
+
+
+def _entry(folder: Path) -> BankEntry:
+    name = library.slugify(folder.name)
+    pairs = next((folder / p for p in PAIRS if (folder / p).exists()), None)
+    prompt_path = folder / PROMPT_FILE
+    prompt = ""
+    problems = []
+    if prompt_path.is_file():
+        try:
+            prompt = " ".join(prompt_path.read_text(encoding="utf-8").split())
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"{PROMPT_FILE} cannot be read as text ({e})")
+    loras = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".safetensors")
+    try:
+        library.check_name(name)
+    except LibraryError as e:
+        problems.append(str(e))
+    if pairs is None:
+        problems.append("no pairs/ folder or pairs.zip with its training pairs")
+    if len(loras) > 1:
+        problems.append(
+            f"{len(loras)} .safetensors files ({', '.join(p.name for p in loras)}); keep the one teacher"
+        )
+    if loras and not prompt:
+        problems.append(f"a LoRA but no {PROMPT_FILE} with the instruction it was trained with")
+    return BankEntry(name, folder, pairs, prompt, loras[0] if loras else None, "; ".join(problems))
+
+
+def scan_bank(root: Path) -> list[BankEntry]:
+    """Every effect folder under ``root`` (hidden folders left out), sorted by name, case aside."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BankError(f"{root} is not a folder: give the folder that holds one sub-folder per effect.")
+    folders = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))),
+        key=lambda p: (p.name.lower(), p.name),
+    )
+    if not folders:
+        raise BankError(
+            f"{root} holds no effect folders: put each effect in its own sub-folder "
+            f"(pairs/ or pairs.zip, {PROMPT_FILE}, and its .safetensors LoRA if it has one)."
+        )
+    entries = [_entry(f) for f in folders]
+    seen: dict[str, str] = {}
+    out = []
+    for e in entries:  # two folders that slugify alike ("Warm Film", "warm-film") would be one effect
+        if e.name in seen and not e.problem:
+            e = replace(e, problem=f"the same effect name as the folder {seen[e.name]}")
+        seen.setdefault(e.name, e.folder.name)
+        out.append(e)
+    return out
+
+
+def import_bank(
+    studio: Studio, root: Path, on_effect: Callable[[int, int, str], None] | None = None
+) -> BankResult:
+    """Import every effect folder of the bank at ``root`` (see the module docstring); ``on_effect(i, n,
+    name)`` before each. The backbone is loaded once, and only if some folder holds a LoRA."""
+    entries = scan_bank(root)
+    existing = {e.name for e in library.list_effects(studio)}
+    result = BankResult()
+    backbone = None
+    for i, e in enumerate(entries):
+        if on_effect:
+            on_effect(i, len(entries), e.name)
+        if e.problem:
+            result.skipped.append((e.folder.name, e.problem))
+            continue
+        if e.name in existing:
+            result.skipped.append((e.folder.name, f"'{e.name}' is already in the library (left as it is)"))
+            continue
+        try:
+            imported = library.import_pairset(studio, e.name, e.pairs, teacher_prompt=e.prompt)
+        except PairSetError as err:
+            result.skipped.append((e.folder.name, "its pairs: " + "; ".join(err.problems)))
+            continue
+        except LibraryError as err:
+            result.skipped.append((e.folder.name, str(err)))
+            continue
+        result.imported.append(e.name)
+        result.notes += [(e.name, w) for w in imported.warnings]
+        if e.lora is None:
+            continue
+        backbone = backbone or teachers_service.open_backbone(studio)
+        try:
+            teachers_service.import_teacher(studio, e.name, e.lora, backbone=backbone)
+            result.teachers.append(e.name)
+        except (teachers_service.TeacherError, LibraryError) as err:
+            result.notes.append(
+                (e.name, f"imported without its teacher: {err} Train one in Teachers instead.")
+            )
+    return result

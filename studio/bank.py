@@ -15,9 +15,12 @@ are imported, so one broken folder never costs the rest. Effects already in the 
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from distill.backbones.base import Backbone
 
 from . import library, teachers_service
 from .context import Studio
@@ -26,6 +29,7 @@ from .pairsets import PairSetError
 
 PROMPT_FILE = "prompt.txt"
 PAIRS = ("pairs", "pairs.zip")
+MAX_ZIP_BYTES = 4 * 2**30  # a bank uploaded as one zip, unpacked (real LoRAs are ~0.8 GB each: use a folder)
 
 
 class BankError(ValueError):
@@ -104,15 +108,51 @@ def scan_bank(root: Path) -> list[BankEntry]:
     return out
 
 
+def unpack_bank_zip(
+    path: Path, dest: Path, max_bytes: int = MAX_ZIP_BYTES, max_entries: int = 20_000
+) -> Path:
+    """Unpack a bank uploaded as one .zip into ``dest`` (bounded in size and entries; zipfile keeps every
+    name inside ``dest``) and return the folder that holds the effect folders (one wrapping folder, as a
+    zipped ``bank/`` has, is looked through)."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise BankError(f"{Path(path).name} is not a readable .zip ({e}).") from e
+    with zf:
+        infos = [i for i in zf.infolist() if not i.is_dir()]
+        if len(infos) > max_entries:
+            raise BankError(f"The bank zip holds {len(infos)} files, more than the {max_entries} allowed.")
+        if sum(i.file_size for i in infos) > max_bytes:
+            raise BankError(
+                f"The bank zip unpacks to more than {max_bytes // 2**30} GB; import it as a folder."
+            )
+        written = 0
+        for info in infos:
+            target = Path(zf.extract(info, dest))  # drops "..", drive letters and leading slashes
+            written += target.stat().st_size
+            if written > max_bytes:  # a header that lied about its size
+                raise BankError(
+                    f"The bank zip unpacks to more than {max_bytes // 2**30} GB; import it as a folder."
+                )
+    root = Path(dest)
+    inner = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
+    if len(inner) == 1 and not any((inner[0] / n).exists() for n in (*PAIRS, PROMPT_FILE)):
+        root = inner[0]
+    return root
+
+
 def import_bank(
-    studio: Studio, root: Path, on_effect: Callable[[int, int, str], None] | None = None
+    studio: Studio,
+    root: Path,
+    on_effect: Callable[[int, int, str], None] | None = None,
+    backbone: Backbone | None = None,
 ) -> BankResult:
     """Import every effect folder of the bank at ``root`` (see the module docstring); ``on_effect(i, n,
-    name)`` before each. The backbone is loaded once, and only if some folder holds a LoRA."""
+    name)`` before each. LoRAs are checked on ``backbone`` (the studio's shared one in the UI); without
+    one, a backbone is loaded once, and only if some folder holds a LoRA."""
     entries = scan_bank(root)
     existing = {e.name for e in library.list_effects(studio)}
     result = BankResult()
-    backbone = None
     for i, e in enumerate(entries):
         if on_effect:
             on_effect(i, len(entries), e.name)

@@ -4,14 +4,16 @@ with the reason, and nothing already in the library is touched."""
 from __future__ import annotations
 
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
 from studio_fixtures import scene_pairs, small_studio, toy_lora_file
 
-from studio import library, teachers_service
-from studio.bank import BankError, import_bank, scan_bank
+from studio import library, preview_service, teachers_service
+from studio.bank import BankError, import_bank, scan_bank, unpack_bank_zip
 from studio.cli import main
+from studio.ui import effects_tab
 
 
 @pytest.fixture()
@@ -106,3 +108,47 @@ def test_cli_import_bank(data_dir, tmp_path, capsys) -> None:
     assert "skipped cool/: 'cool' is already in the library" in capsys.readouterr().out
     assert main(["--data-dir", str(data_dir), "import-bank", str(tmp_path / "nope")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def _zip_folder(folder: Path, out: Path, extra: dict[str, bytes] | None = None) -> Path:
+    with zipfile.ZipFile(out, "w") as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, Path(folder.name) / p.relative_to(folder))
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return out
+
+
+def test_the_effects_tab_imports_a_zipped_bank(studio, tmp_path) -> None:
+    bank = tmp_path / "bank"
+    _effect_folder(bank, "warm", 1, lora=True)
+    _effect_folder(bank, "cool", 2)
+    (bank / "stray").mkdir()
+    (bank / "stray" / "notes.md").write_text("not an effect")
+    zipped = _zip_folder(bank, tmp_path / "bank.zip", {"../escape.txt": b"x"})
+    try:
+        view = effects_tab.import_bank_upload(studio, str(zipped))
+    finally:
+        preview_service.forget_backbones()
+    assert not view.error, view.error
+    assert "Imported 2 effects (1 with their LoRA as teacher): cool, warm." in view.notice
+    assert "skipped `stray/`: no pairs/ folder or pairs.zip" in view.notice
+    assert view.selected == "cool" and not (tmp_path / "escape.txt").exists()
+    assert teachers_service.teacher_for(studio, "warm") is not None
+
+    assert "Upload the bank" in effects_tab.import_bank_upload(studio, None).error
+    (tmp_path / "not.zip").write_bytes(b"plain bytes")
+    assert "is not a readable .zip" in effects_tab.import_bank_upload(studio, str(tmp_path / "not.zip")).error
+
+
+def test_a_bank_zip_is_bounded(tmp_path) -> None:
+    bank = tmp_path / "bank"
+    _effect_folder(bank, "cool", 2)
+    zipped = _zip_folder(bank, tmp_path / "bank.zip")
+    with pytest.raises(BankError, match="unpacks to more than"):
+        unpack_bank_zip(zipped, tmp_path / "out", max_bytes=100)
+    with pytest.raises(BankError, match="more than the 2 allowed"):
+        unpack_bank_zip(zipped, tmp_path / "out2", max_entries=2)
+    root = unpack_bank_zip(zipped, tmp_path / "out3")
+    assert root == tmp_path / "out3" / "bank" and [e.name for e in scan_bank(root)] == ["cool"]

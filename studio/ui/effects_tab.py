@@ -18,7 +18,8 @@ import pandas as pd
 
 from storage import BlobNotFoundError, BlobStoreError, Category, DatabaseError
 
-from .. import library
+from .. import bank, library, preview_service
+from ..bank import BankError
 from ..context import Studio
 from ..library import LibraryError
 from ..pairsets import PairSetError
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 TABLE_HEADERS = ["name", "pairs", "trigger", "teacher prompt"]
 CATEGORIES = [("(none)", ""), *((c.value, c.value) for c in Category)]
 # Errors whose text is written for curators; anything else is a bug and goes to the log.
-CURATOR_ERRORS = (PairSetError, LibraryError, BlobStoreError, BlobNotFoundError, DatabaseError)
+CURATOR_ERRORS = (PairSetError, LibraryError, BankError, BlobStoreError, BlobNotFoundError, DatabaseError)
 DEMO_LABEL = "Load the demo (EffectBench-mini)"
 
 
@@ -151,6 +152,28 @@ def import_upload(
         else:
             head = f"Imported **{effect}** with {res.pairs} pair{'s' if res.pairs != 1 else ''}."
         return "\n".join([head, *(f"- note: {w}" for w in res.warnings)]), effect
+
+    return _guarded(studio, selected, action)
+
+
+def import_bank_upload(studio: Studio, file: str | Path | None, selected: str | None = None) -> View:
+    """Import a whole bank uploaded as one .zip (``studio.bank``): a folder per effect."""
+
+    def action() -> tuple[str, str | None]:
+        if not file:
+            raise BankError("Upload the bank as one .zip first.")
+        with tempfile.TemporaryDirectory(prefix="studio-bank-") as tmp:
+            root = bank.unpack_bank_zip(Path(file), Path(tmp))
+            with preview_service.locked_backbone(studio) as bb:  # the studio's one copy of the model
+                result = bank.import_bank(studio, root, backbone=bb)
+        n = len(result.imported)
+        lines = [
+            f"Imported {n} effect{'s' if n != 1 else ''} ({len(result.teachers)} with their LoRA as teacher)"
+            + (f": {', '.join(result.imported)}." if n else ".")
+        ]
+        lines += [f"- note: **{name}**: {note}" for name, note in result.notes]
+        lines += [f"- skipped `{folder}/`: {why}" for folder, why in result.skipped]
+        return "\n".join(lines), (result.imported[0] if result.imported else selected)
 
     return _guarded(studio, selected, action)
 
@@ -285,6 +308,16 @@ def build(studio: Studio, app: gr.Blocks) -> None:
         )
         import_btn = gr.Button("Import pair set", variant="primary", elem_id="import-button")
 
+    with gr.Accordion("Import a whole LoRA bank", open=False):
+        gr.Markdown(
+            "One .zip with a folder per effect: its pairs in `pairs/` (or `pairs.zip`), its teacher prompt in "
+            "`prompt.txt`, and its existing LoRA (`.safetensors`), which becomes its teacher. Folders with a "
+            "problem are skipped with the reason; effects already here are left alone. Big banks: "
+            "`python -m studio import-bank FOLDER`."
+        )
+        bank_file = gr.File(label="Bank (.zip)", file_types=[".zip"], elem_id="bank-upload")
+        bank_btn = gr.Button("Import bank", elem_id="bank-import")
+
     notice = gr.Markdown(elem_id="effects-notice")
     error = gr.Textbox(label="Problem", lines=3, interactive=False, visible=False, elem_id="effects-error")
 
@@ -355,6 +388,12 @@ def build(studio: Studio, app: gr.Blocks) -> None:
         concurrency_limit=1,
     )
     demo_btn.click(on_demo, None, view_outputs, concurrency_limit=1)
+    bank_btn.click(
+        lambda f, sel: out(import_bank_upload(studio, f, sel)),
+        [bank_file, selector],
+        view_outputs,
+        concurrency_limit=1,
+    )
     table.select(on_table_select, None, selector)
     # Fires on clicks and when an action selects another effect; it leaves the notice alone.
     selector.change(

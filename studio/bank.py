@@ -5,7 +5,8 @@ and, if the curator has one, the effect's existing LoRA::
         warm-film/
             pairs/ (or pairs.zip)   any layout ``read_pairset`` accepts
             prompt.txt              the teacher prompt (the instruction the LoRA was trained with)
-            warm_film_v3.safetensors   optional: imported as the effect's teacher
+            warm_film_v3.safetensors   optional: imported as the effect's teacher (with several, the
+                                       one named like the folder, as ai-toolkit names its final save)
         neon-glow/
             ...
 
@@ -75,9 +76,15 @@ def _entry(folder: Path) -> BankEntry:
     if pairs is None:
         problems.append("no pairs/ folder or pairs.zip with its training pairs")
     if len(loras) > 1:
-        problems.append(
-            f"{len(loras)} .safetensors files ({', '.join(p.name for p in loras)}); keep the one teacher"
-        )
+        # ai-toolkit keeps step checkpoints (name_000001000.safetensors) beside the final name.safetensors
+        final = [p for p in loras if p.stem.lower() == folder.name.lower()]
+        if len(final) == 1:
+            loras = final
+        else:
+            problems.append(
+                f"{len(loras)} .safetensors files ({', '.join(p.name for p in loras)}); keep the one teacher, "
+                "or name it like the folder"
+            )
     if loras and not prompt:
         problems.append(f"a LoRA but no {PROMPT_FILE} with the instruction it was trained with")
     return BankEntry(name, folder, pairs, prompt, loras[0] if loras else None, "; ".join(problems))

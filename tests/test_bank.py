@@ -83,6 +83,15 @@ def test_a_bank_imports_good_folders_and_explains_the_rest(studio, tmp_path) -> 
     assert len(library.list_effects(studio)) == 3
 
 
+def test_the_lora_named_like_its_folder_is_the_teacher(tmp_path) -> None:
+    d = _effect_folder(tmp_path / "bank", "neon", 1, lora=True)  # neon_v2.safetensors
+    toy_lora_file(d / "neon_000000250.safetensors", 2)
+    assert "keep the one teacher, or name it like the folder" in scan_bank(tmp_path / "bank")[0].problem
+    toy_lora_file(d / "neon.safetensors", 3)
+    entry = scan_bank(tmp_path / "bank")[0]
+    assert entry.problem == "" and entry.lora == d / "neon.safetensors"
+
+
 def test_names_that_collide_or_are_unusable_are_reported(tmp_path) -> None:
     bank = tmp_path / "bank"
     _effect_folder(bank, "Warm Film", 1)

@@ -51,6 +51,17 @@ def _broken_zip(path: Path) -> Path:
     return path
 
 
+def _bank_zip(path: Path) -> Path:
+    """A bank of two folders: "Ocean Mist" (pairs + prompt) and "notes" (no pairs)."""
+    pairs = zipfile.ZipFile(_pair_zip(path.with_name("pairs.zip")))
+    with zipfile.ZipFile(path, "w") as zf:
+        for info in pairs.infolist():
+            zf.writestr(f"bank/Ocean Mist/pairs/{info.filename}", pairs.read(info))
+        zf.writestr("bank/Ocean Mist/prompt.txt", "Add a sea mist.\n")
+        zf.writestr("bank/notes/readme.md", "not an effect")
+    return path
+
+
 @pytest.fixture()
 def studio_server(tmp_path):
     with running_studio(
@@ -124,5 +135,17 @@ def test_upload_list_select_gallery_exclude(studio_server, tmp_path):
             expect(error).to_have_value(re.compile(r"^The pair set cannot be imported"))
             expect(error).to_have_value(re.compile(r"lonely_source\.png: source image without a target"))
             page.locator("#effects-error").screenshot(path=str(ARTIFACTS / "effects-error.png"))
+
+            # A whole bank in one zip: a folder per effect; the one without pairs is skipped, said why.
+            page.get_by_text("Import a whole LoRA bank").click()
+            page.locator("#bank-upload input[type=file]").set_input_files(
+                str(_bank_zip(tmp_path / "bank.zip"))
+            )
+            expect(page.locator("#bank-upload")).to_contain_text(re.compile(r"bank\s*\.zip"))
+            page.locator("#bank-import").click()
+            notice = page.locator("#effects-notice")
+            expect(notice).to_contain_text("Imported 1 effect (0 with their LoRA as teacher): ocean-mist.")
+            expect(notice).to_contain_text("skipped notes/: no pairs/ folder or pairs.zip")
+            expect(page.locator("#effects-table")).to_contain_text("Add a sea mist.")
         finally:
             browser.close()

@@ -137,13 +137,15 @@ def test_the_effects_tab_imports_a_zipped_bank(studio, tmp_path) -> None:
     (bank / "stray" / "notes.md").write_text("not an effect")
     zipped = _zip_folder(bank, tmp_path / "bank.zip", {"../escape.txt": b"x"})
     try:
-        view = effects_tab.import_bank_upload(studio, str(zipped))
+        seen = []
+        view = effects_tab.import_bank_upload(studio, str(zipped), None, lambda i, n, name: seen.append(name))
     finally:
         preview_service.forget_backbones()
     assert not view.error, view.error
     assert "Imported 2 effects (1 with their LoRA as teacher): cool, warm." in view.notice
     assert "skipped `stray/`: no pairs/ folder or pairs.zip" in view.notice
     assert view.selected == "cool" and not (tmp_path / "escape.txt").exists()
+    assert seen == ["cool", "stray", "warm"]  # the progress bar's steps
     assert teachers_service.teacher_for(studio, "warm") is not None
 
     assert "Upload the bank" in effects_tab.import_bank_upload(studio, None).error

@@ -156,8 +156,14 @@ def import_upload(
     return _guarded(studio, selected, action)
 
 
-def import_bank_upload(studio: Studio, file: str | Path | None, selected: str | None = None) -> View:
-    """Import a whole bank uploaded as one .zip (``studio.bank``): a folder per effect."""
+def import_bank_upload(
+    studio: Studio,
+    file: str | Path | None,
+    selected: str | None = None,
+    on_effect: Callable[[int, int, str], None] | None = None,
+) -> View:
+    """Import a whole bank uploaded as one .zip (``studio.bank``): a folder per effect; ``on_effect(i, n,
+    name)`` reports progress."""
 
     def action() -> tuple[str, str | None]:
         if not file:
@@ -165,7 +171,7 @@ def import_bank_upload(studio: Studio, file: str | Path | None, selected: str | 
         with tempfile.TemporaryDirectory(prefix="studio-bank-") as tmp:
             root = bank.unpack_bank_zip(Path(file), Path(tmp))
             with preview_service.locked_backbone(studio) as bb:  # the studio's one copy of the model
-                result = bank.import_bank(studio, root, backbone=bb)
+                result = bank.import_bank(studio, root, on_effect, backbone=bb)
         n = len(result.imported)
         lines = [
             f"Imported {n} effect{'s' if n != 1 else ''} ({len(result.teachers)} with their LoRA as teacher)"
@@ -388,8 +394,15 @@ def build(studio: Studio, app: gr.Blocks) -> None:
         concurrency_limit=1,
     )
     demo_btn.click(on_demo, None, view_outputs, concurrency_limit=1)
+
+    def on_bank(f, sel, progress=gr.Progress()):
+        def report(i: int, n: int, name: str) -> None:
+            progress(i / n if n else 1.0, desc=f"effect {i + 1} of {n}: {name}")
+
+        return out(import_bank_upload(studio, f, sel, report))
+
     bank_btn.click(
-        lambda f, sel: out(import_bank_upload(studio, f, sel)),
+        on_bank,
         [bank_file, selector],
         view_outputs,
         concurrency_limit=1,

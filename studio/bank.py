@@ -104,7 +104,14 @@ def scan_bank(root: Path) -> list[BankEntry]:
             f"{root} holds no effect folders: put each effect in its own sub-folder "
             f"(pairs/ or pairs.zip, {PROMPT_FILE}, and its .safetensors LoRA if it has one)."
         )
-    entries = [_entry(f) for f in folders]
+    entries = []
+    for f in folders:
+        try:
+            entries.append(_entry(f))
+        except OSError as e:  # a folder we may not list: that effect only
+            entries.append(
+                BankEntry(library.slugify(f.name), f, None, "", None, f"cannot be read ({e.strerror or e})")
+            )
     seen: dict[str, str] = {}
     out = []
     for e in entries:  # two folders that slugify alike ("Warm Film", "warm-film") would be one effect

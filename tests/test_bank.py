@@ -92,7 +92,7 @@ def test_the_lora_named_like_its_folder_is_the_teacher(tmp_path) -> None:
     assert entry.problem == "" and entry.lora == d / "neon.safetensors"
 
 
-def test_names_that_collide_or_are_unusable_are_reported(tmp_path) -> None:
+def test_names_that_collide_or_are_unusable_are_reported(tmp_path, monkeypatch) -> None:
     bank = tmp_path / "bank"
     _effect_folder(bank, "Warm Film", 1)
     _effect_folder(bank, "warm-film", 2)
@@ -101,6 +101,20 @@ def test_names_that_collide_or_are_unusable_are_reported(tmp_path) -> None:
     assert by_folder["Warm Film"].problem == ""
     assert by_folder["warm-film"].problem == "the same effect name as the folder Warm Film"
     assert "not a usable effect name" in by_folder["!!!"].problem
+    locked = bank / "locked"
+    locked.mkdir()
+    iterdir = Path.iterdir
+
+    def refuse_locked(self: Path):
+        if self == locked:
+            raise PermissionError(13, "Permission denied")
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refuse_locked)
+    by_folder = {e.folder.name: e for e in scan_bank(bank)}
+    assert by_folder["locked"].problem == "cannot be read (Permission denied)"
+    assert by_folder["Warm Film"].problem == ""  # the others are still read
+    monkeypatch.undo()
     with pytest.raises(BankError, match="not a folder"):
         scan_bank(tmp_path / "missing")
     (tmp_path / "flat").mkdir()

@@ -74,29 +74,37 @@ def build_app(studio: Studio, tabs: list[tuple[str, TabBuilder]] | None = None) 
             f"# {TITLE}\nOne LoRA for all your effects. Data: `{studio.config.data_dir}` · "
             f"backbone: `{studio.config.backbone}`"
         )
+        hints: dict[str, gr.Markdown] = {}
         with gr.Tabs():
             for title, builder in tabs or TABS:
                 tab_id = title.lower()
                 with gr.Tab(title, id=tab_id) as tab:
                     if tab_id in guide.GUIDED_TABS:
-                        _next_step(studio, app, tab, tab_id)
+                        hints[tab_id] = gr.Markdown(elem_id=f"{tab_id}-next-step")
+                        tab.select(
+                            lambda t=tab_id: _read_hints(studio, [t])[0],
+                            outputs=hints[tab_id],
+                            show_progress="hidden",
+                        )
                     builder(studio, app)
+        if hints:  # one reading of the studio fills every tab's hint when the page loads
+
+            def on_load() -> tuple[str, ...] | str:
+                texts = _read_hints(studio, list(hints))
+                return tuple(texts) if len(texts) > 1 else texts[0]
+
+            app.load(on_load, outputs=list(hints.values()), show_progress="hidden")
     return app
 
 
-def _next_step(studio: Studio, app: gr.Blocks, tab: gr.Tab, tab_id: str) -> None:
-    """The tab's next-step hint (``guide``), read when the page loads and whenever the tab is selected."""
-
-    def read() -> str:
-        try:
-            return guide.hint_for(studio, tab_id)
-        except Exception:  # a hint never breaks the tab; the tab's own view reports a broken store
-            log.exception("next-step hint for the %s tab", tab_id)
-            return ""
-
-    md = gr.Markdown(elem_id=f"{tab_id}-next-step")
-    app.load(read, outputs=md, show_progress="hidden")
-    tab.select(read, outputs=md, show_progress="hidden")
+def _read_hints(studio: Studio, tab_ids: list[str]) -> list[str]:
+    """The next-step hints (``guide``) of these tabs; a hint never breaks a tab (its own view reports a
+    broken store), so a failure leaves them empty."""
+    try:
+        return guide.hints_for(studio, tab_ids)
+    except Exception:
+        log.exception("next-step hints for %s", ", ".join(tab_ids))
+        return [""] * len(tab_ids)
 
 
 def launch(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import library, preview_service, prompts_service, teachers_service
+from .. import preview_service, prompts_service, teachers_service
 from ..context import Studio
 
 # The tabs that carry a hint, by their ``gr.Tab`` id (the title in lower case). Effects has its own
@@ -28,15 +28,15 @@ class Readiness:
 
 
 def readiness(studio: Studio) -> Readiness:
-    names = [e.name for e in library.list_effects(studio)]
-    with_teacher = tuple(t.effect for t in teachers_service.list_teachers(studio) if t.lora is not None)
+    teachers = teachers_service.list_teachers(studio)  # every effect, with its teacher or None
+    with_teacher = tuple(t.effect for t in teachers if t.lora is not None)
     rows = {r.effect: r for r in prompts_service.prompt_rows(studio)} if with_teacher else {}
     lacking = tuple(
         n
         for n in with_teacher
         if not (rows[n].trigger or "").strip() or not (rows[n].student_prompt or "").strip()
     )
-    return Readiness(len(names), with_teacher, lacking, len(preview_service.finished_students(studio)))
+    return Readiness(len(teachers), with_teacher, lacking, len(preview_service.finished_students(studio)))
 
 
 def _listed(names: tuple[str, ...], k: int = 5) -> str:
@@ -79,4 +79,10 @@ def hint(tab: str, r: Readiness) -> str:
 
 
 def hint_for(studio: Studio, tab: str) -> str:
-    return hint(tab, readiness(studio))
+    return hints_for(studio, [tab])[0]
+
+
+def hints_for(studio: Studio, tabs: list[str]) -> list[str]:
+    """The hints of several tabs from one reading of the studio (the page load fills them all)."""
+    r = readiness(studio)
+    return [hint(tab, r) for tab in tabs]

@@ -2,7 +2,8 @@
 
 Reads the JSON summaries that ``bench/reproduce.py`` writes beside its tables (``results/table1_<tag>.json``)
 for runs at different numbers of effects and writes one markdown table, one row per system and number of
-effects, with the distillation time of Ours.
+effects, with the distillation time of Ours, and a small PNG plot of PSNR and BCR against the runs.
+Notes already written under the table of an earlier ``--out`` (paragraphs starting "Notes") are kept.
 
     python bench/scaling.py --tags 10fx7 20fx8 50fx8 [--out results/table4_scaling.md]
 """
@@ -50,6 +51,60 @@ def scaling_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kept_notes(previous: str) -> str:
+    """The "Notes ..." paragraphs of an earlier table: the analysis a rerun must not throw away."""
+    at = previous.find("\nNotes")
+    return previous[at:].strip() + "\n" if at >= 0 else ""
+
+
+# one colour per system, in the order systems first appear
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def scaling_plot(runs: list[dict], path: Path) -> Path:
+    """Two panels (PSNR, BCR), one line per system over the runs in order of size, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    runs = sorted(runs, key=lambda r: len(r["effects"]))
+    systems = list(dict.fromkeys(name for r in runs for name in r["systems"]))
+    w, h, pad, legend = 300, 220, 40, 16 * len(systems) + 8
+    img = Image.new("RGB", (2 * w + pad, h + 2 * pad + legend), "white")
+    draw = ImageDraw.Draw(img)
+    for panel, (key, title) in enumerate(
+        [("psnr", "PSNR (dB), higher is better"), ("bcr", "BCR, lower is better")]
+    ):
+        x0, y0 = pad + panel * (w + pad // 2), pad
+        values = [r["systems"][n][key] for r in runs for n in systems if n in r["systems"]]
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        draw.rectangle([x0, y0, x0 + w - pad, y0 + h], outline="black")
+        draw.text((x0, 8), title, fill="black")
+        draw.text((x0 - 36, y0 - 5), f"{hi:.2f}", fill="black")
+        draw.text((x0 - 36, y0 + h - 5), f"{lo:.2f}", fill="black")
+
+        def xy(i: int, v: float, x0: int = x0, y0: int = y0, lo: float = lo, span: float = span) -> tuple:
+            x = x0 + 10 + i * (w - pad - 20) / max(1, len(runs) - 1)
+            return (x, y0 + h - 8 - (v - lo) / span * (h - 16))
+
+        for i, r in enumerate(runs):
+            x, _ = xy(i, lo)
+            draw.text((x - 14, y0 + h + 4), f"{len(r['effects'])}", fill="black")
+            draw.text((x - 14, y0 + h + 16), r["tag"][-6:], fill="gray")
+        for colour, name in zip(_COLOURS * 4, systems):
+            pts = [xy(i, r["systems"][name][key]) for i, r in enumerate(runs) if name in r["systems"]]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=2)
+            for x, y in pts:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    for k, (colour, name) in enumerate(zip(_COLOURS * 4, systems)):
+        y = h + 2 * pad + 4 + 16 * k
+        draw.rectangle([pad, y + 3, pad + 12, y + 11], fill=colour)
+        draw.text((pad + 18, y), name, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tags", nargs="+", required=True, help="reproduce.py run tags, e.g. 10fx7 20fx8 50fx8")
@@ -65,6 +120,11 @@ def main(argv: list[str] | None = None) -> None:
         "Same test sources per effect in every run; accuracy and BCR are measured among the run's own "
         "effects (more effects: more ways to be nearest to the wrong one).\n\n" + scaling_table(runs)
     )
+    plot = scaling_plot(runs, args.out.with_suffix(".png"))
+    text += f"\n![PSNR and BCR against the number of effects]({plot.name})\n"
+    notes = kept_notes(args.out.read_text()) if args.out.exists() else ""
+    if notes:
+        text += "\n" + notes
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

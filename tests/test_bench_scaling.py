@@ -54,3 +54,23 @@ def test_table_orders_runs_by_size_and_marks_missing_systems(tmp_path):
 def test_missing_run_says_how_to_make_it(tmp_path):
     with pytest.raises(SystemExit, match="--tag nope"):
         scaling.main(["--tags", "nope", "--results", str(tmp_path), "--out", str(tmp_path / "t.md")])
+
+
+def test_rerun_keeps_the_notes_and_draws_the_plot(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "table1_a.json").write_text(json.dumps(_summary("a", 10, {"Ours": 23.0, "Base": 24.0})))
+    (tmp_path / "table1_b.json").write_text(json.dumps(_summary("b", 50, {"Ours": 21.0, "Base": 24.5})))
+    out = tmp_path / "t4.md"
+    args = ["--tags", "a", "b", "--results", str(tmp_path), "--out", str(out)]
+    scaling.main(args)
+    out.write_text(out.read_text() + "\nNotes (session 1). Ours loses 2 dB at 50 effects.\n")
+    scaling.main(args)
+    text = out.read_text()
+    assert text.count("Notes (session 1). Ours loses 2 dB at 50 effects.") == 1
+    assert text.count("| Ours | 8 |") == 1  # the table is written once, the notes after it
+    assert text.index("| Ours | 8 |") < text.index("Notes (session 1)")
+    assert "![PSNR and BCR against the number of effects](t4.png)" in text
+    img = Image.open(tmp_path / "t4.png").convert("RGB")
+    colours = {c for _, c in img.getcolors(maxcolors=1 << 16)}
+    assert scaling._COLOURS[0] in colours and scaling._COLOURS[1] in colours  # a line per system

@@ -67,7 +67,7 @@ def scaling_plot(runs: list[dict], path: Path) -> Path:
 
     runs = sorted(runs, key=lambda r: len(r["effects"]))
     systems = list(dict.fromkeys(name for r in runs for name in r["systems"]))
-    w, h, pad, legend = 300, 220, 40, 16 * len(systems) + 8
+    w, h, pad, legend = max(300, 44 * len(runs) + 60), 220, 40, 16 * len(systems) + 8  # room for each label
     img = Image.new("RGB", (2 * w + pad, h + 2 * pad + legend), "white")
     draw = ImageDraw.Draw(img)
     for panel, (key, title) in enumerate(

@@ -631,6 +631,8 @@ def main() -> None:
         table_md.write_text("\n".join(md + tail))
 
     flush()
+    # the grid lands with Table 1, not after the ablations and the extension, which can run for hours more
+    save_grid(results, names[: min(6, len(names))], scenes, s.out / f"grid_{tag}.png")
     summary_json = s.out / f"table1_{tag}.json"  # for bench/scaling.py
     summary = {
         "tag": tag,
@@ -726,7 +728,6 @@ def main() -> None:
         summary_json.write_text(json.dumps(summary, indent=1))
 
     flush(done=True)
-    save_grid(results, names[: min(6, len(names))], scenes, s.out / f"grid_{tag}.png")
     print(table_md.read_text())
 
 

@@ -18,7 +18,7 @@ def studio(data_dir, tmp_path):
 
 
 def _hints(studio) -> dict[str, str]:
-    return {tab: guide.hint_for(studio, tab) for tab in guide.GUIDED_TABS}
+    return dict(zip(guide.GUIDED_TABS, guide.hints_for(studio, list(guide.GUIDED_TABS))))
 
 
 def test_hints_follow_the_curator_through_the_steps(studio, tmp_path):
@@ -42,13 +42,13 @@ def test_hints_follow_the_curator_through_the_steps(studio, tmp_path):
     assert "frame" not in h["distill"]
 
     add_toy_effect(studio, tmp_path, "dusk", 4)
-    assert "cool, dusk still need a" in guide.hint_for(studio, "distill")
+    assert "cool, dusk still need a" in guide.hints_for(studio, ["distill"])[0]
 
 
 def test_every_prompted_teacher_clears_distill_and_a_student_clears_the_rest(studio, tmp_path):
     add_toy_effect(studio, tmp_path, "frame", 2, toy_prompts=True)
-    assert guide.hint_for(studio, "distill") == ""
-    assert guide.hint_for(studio, "preview") != ""
+    assert guide.hints_for(studio, ["distill"])[0] == ""
+    assert guide.hints_for(studio, ["preview"])[0] != ""
     lora_files.store_lora(
         studio,
         lambda p: toy_lora_file(p, 5),

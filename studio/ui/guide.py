@@ -78,10 +78,6 @@ def hint(tab: str, r: Readiness) -> str:
     raise ValueError(f"no hint for the tab {tab!r}")
 
 
-def hint_for(studio: Studio, tab: str) -> str:
-    return hints_for(studio, [tab])[0]
-
-
 def hints_for(studio: Studio, tabs: list[str]) -> list[str]:
     """The hints of several tabs from one reading of the studio (the page load fills them all)."""
     r = readiness(studio)

@@ -25,10 +25,15 @@ def load(results: Path, tag: str) -> dict:
     return json.loads(f.read_text())
 
 
+def ordered(runs: list[dict]) -> tuple[list[dict], list[str]]:
+    """The runs in order of size and the systems in the order they first appear (table and plot alike)."""
+    runs = sorted(runs, key=lambda r: len(r["effects"]))
+    return runs, list(dict.fromkeys(name for r in runs for name in r["systems"]))
+
+
 def scaling_table(runs: list[dict]) -> str:
     """One markdown table: systems x numbers of effects (PSNR, accuracy, BCR), runs in order of size."""
-    runs = sorted(runs, key=lambda r: len(r["effects"]))
-    systems = list(dict.fromkeys(name for r in runs for name in r["systems"]))
+    runs, systems = ordered(runs)
     sizes = [len(r["effects"]) for r in runs]
     head = (
         "| System | NFE | "
@@ -65,8 +70,7 @@ def scaling_plot(runs: list[dict], path: Path) -> Path:
     """Two panels (PSNR, BCR), one line per system over the runs in order of size, drawn with PIL."""
     from PIL import Image, ImageDraw
 
-    runs = sorted(runs, key=lambda r: len(r["effects"]))
-    systems = list(dict.fromkeys(name for r in runs for name in r["systems"]))
+    runs, systems = ordered(runs)
     w, h, pad, legend = max(300, 44 * len(runs) + 60), 220, 40, 16 * len(systems) + 8  # room for each label
     img = Image.new("RGB", (2 * w + pad, h + 2 * pad + legend), "white")
     draw = ImageDraw.Draw(img)
@@ -82,16 +86,16 @@ def scaling_plot(runs: list[dict], path: Path) -> Path:
         draw.text((x0 - 36, y0 - 5), f"{hi:.2f}", fill="black")
         draw.text((x0 - 36, y0 + h - 5), f"{lo:.2f}", fill="black")
 
-        def xy(i: int, v: float, x0: int = x0, y0: int = y0, lo: float = lo, span: float = span) -> tuple:
-            x = x0 + 10 + i * (w - pad - 20) / max(1, len(runs) - 1)
-            return (x, y0 + h - 8 - (v - lo) / span * (h - 16))
-
-        for i, r in enumerate(runs):
-            x, _ = xy(i, lo)
+        xs = [x0 + 10 + i * (w - pad - 20) / max(1, len(runs) - 1) for i in range(len(runs))]
+        for x, r in zip(xs, runs):
             draw.text((x - 14, y0 + h + 4), f"{len(r['effects'])}", fill="black")
             draw.text((x - 14, y0 + h + 16), r["tag"][-6:], fill="gray")
         for colour, name in zip(_COLOURS * 4, systems):
-            pts = [xy(i, r["systems"][name][key]) for i, r in enumerate(runs) if name in r["systems"]]
+            pts = [
+                (x, y0 + h - 8 - (r["systems"][name][key] - lo) / span * (h - 16))
+                for x, r in zip(xs, runs)
+                if name in r["systems"]
+            ]
             if len(pts) > 1:
                 draw.line(pts, fill=colour, width=2)
             for x, y in pts:

@@ -18,6 +18,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from distill.backbones import adapters  # noqa: E402
 from distill.backbones.tiny import TinyConfig, TinyEditor  # noqa: E402
 from distill.callbacks import NullReporter, TqdmReporter  # noqa: E402
 from distill.checkpointing import latest_checkpoint  # noqa: E402
-from distill.config import DistillConfig  # noqa: E402
+from distill.config import DistillConfig, extension_steps  # noqa: E402
 from distill.effectbench.bench import BenchSpec, ground_truth, test_sources, train_scene  # noqa: E402
 from distill.effectbench.effects import EFFECTS, MAIN_BENCH  # noqa: E402
 from distill.effectbench.general import GENERAL_EDITS, general_images  # noqa: E402
@@ -303,6 +304,93 @@ def learning_curve(
     return "\n".join(lines) + "\n"
 
 
+def extension_table(
+    s: Setup,
+    names: list[str],
+    entries: list[EffectEntry],
+    table1: list[SystemResult],
+    prompts: dict[str, str],
+    scenes: list,
+    teacher_steps: int | None,
+    ours: dict[str, Any],
+    summary: dict[str, Any],
+    n_new: int,
+) -> str:
+    """Table 5: the extension effects added to Ours one at a time, each by a short run from the previous
+    CollectionLoRA with one effect's share of Ours' steps (the paper's 100 of 5000 at 50 effects). After
+    each, Base+Lightning and the extended student on every effect so far, and the student on the first
+    ``len(names)`` alone: that column shows forgetting."""
+    new = [e.name for e in EFFECTS[len(MAIN_BENCH) : len(MAIN_BENCH) + n_new]]  # the extension set
+    train_teachers(s, new, teacher_steps)
+    prompts.update(student_prompts(s, names + new))
+    ours_steps = DistillConfig.for_backbone("tiny", len(names), **ours).steps  # as Ours ran, N-scaled
+    add_cfg = DistillConfig.for_backbone("tiny", **{**ours, "steps": extension_steps(ours_steps, len(names))})
+    all_entries = entries + [
+        EffectEntry(n, next(e.teacher_prompt for e in EFFECTS if e.name == n), prompts[n], teacher_name(n))
+        for n in new
+    ]
+    all_truths = ground_truths(all_entries, scenes, s.bb.image_size)
+    first = {n: all_truths[n] for n in ["source", *names]}
+    by_name = {r.system: r for r in table1}
+    stages = [(len(names), by_name["Base+Lightning"], by_name["Ours"], by_name["Ours"])]
+    parent = "ours"
+    for k, name in enumerate(new, 1):
+        adapter = f"ours_ext{k}"
+        log(f"extension {k}/{len(new)}: + {name} ({add_cfg.steps} steps, {add_cfg.coarse} coarse)")
+        specs = effect_specs(s, names + new[:k], prompts, new={name})
+        distill_adapter(s, adapter, specs, add_cfg, init=parent)
+        parent = adapter
+        sofar = all_entries[: len(names) + k]
+        truths = {n: all_truths[n] for n in ["source", *(e.name for e in sofar)]}
+        student = student_system(adapter=adapter, name=f"Ours +{k}")
+        stages.append(
+            (
+                len(sofar),
+                evaluate_system(s.bb, stacked_system("Base+Lightning", True, ""), sofar, scenes, truths),
+                evaluate_system(s.bb, student, sofar, scenes, truths),
+                evaluate_system(s.bb, student, entries, scenes, first),
+            )
+        )
+    summary["extension"] = {
+        "new_effects": new,
+        "steps_per_effect": add_cfg.steps,
+        "coarse_steps_per_effect": add_cfg.coarse,
+        "stages": [
+            {
+                "effects": n,
+                "base_lightning": b.summary.as_dict(),
+                "ours": o.summary.as_dict(),
+                "ours_on_first": f.summary.as_dict(),
+            }
+            for n, b, o, f in stages
+        ],
+    }
+
+    def cells(pick: Callable[[tuple], SystemResult]) -> str:
+        return " | ".join(
+            f"{pick(st).summary.psnr:.2f} / {pick(st).summary.bad_case_rate:.3f}" for st in stages
+        )
+
+    head = " | ".join(f"{n} effects" for n, *_ in stages)
+    return "\n".join(
+        [
+            f"### Table 5 analogue: {len(names)} -> {len(names) + len(new)} effects, one at a time",
+            "",
+            f"Each of {', '.join(new)} added in turn to the previous CollectionLoRA by {add_cfg.steps} "
+            f"generator steps (after {add_cfg.coarse} coarse TA-FM steps): one effect's share of Ours' "
+            f"{ours_steps}. PSNR (dB) / BCR over every effect so far.",
+            "",
+            f"| System | {head} |",
+            "|---" * (len(stages) + 1) + "|",
+            f"| Base+Lightning | {cells(lambda st: st[1])} |",
+            f"| Ours | {cells(lambda st: st[2])} |",
+            f"| Ours on the first {len(names)} | {cells(lambda st: st[3])} |",
+            "",
+            per_effect_table([stages[-1][1], stages[-1][2]], f"Per effect at {stages[-1][0]} effects"),
+        ]
+    )
+
+
 def table(rows: list[SystemResult], title: str) -> str:
     lines = [
         f"### {title}",
@@ -349,10 +437,10 @@ def gap_table(rows: list[SystemResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def per_effect_table(rows: list[SystemResult]) -> str:
+def per_effect_table(rows: list[SystemResult], title: str = "Per effect") -> str:
     names = list(rows[0].per_effect)
     head = "| Effect | " + " | ".join(f"{r.system} PSNR / BCR" for r in rows) + " |"
-    lines = ["### Per effect", "", head, "|" + "---|" * (len(rows) + 1)]
+    lines = [f"### {title}", "", head, "|" + "---|" * (len(rows) + 1)]
     for n in names:
         cells = [f"{r.per_effect[n].psnr:.1f} / {r.per_effect[n].bad_case_rate:.2f}" for r in rows]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
@@ -692,39 +780,11 @@ def main() -> None:
         flush()
 
     if args.extend:
-        new = [e.name for e in EFFECTS[len(MAIN_BENCH) : len(MAIN_BENCH) + args.extend]]  # the extension set
-        train_teachers(s, new, args.teacher_steps)
-        prompts.update(student_prompts(s, names + new))
-        ext_specs = effect_specs(s, names + new, prompts, new=set(new))
-        # the paper's extension: a short run, a fifth of Ours' steps (coarse stage in proportion)
-        ours_steps = DistillConfig.for_backbone("tiny", len(names), **ours).steps  # as Ours ran, N-scaled
-        ext_steps = max(2, ours_steps // 5)
-        ext_cfg = DistillConfig.for_backbone("tiny", **{**ours, "steps": ext_steps})
-        distill_adapter(s, "ours_ext", ext_specs, ext_cfg, init="ours")
-        all_entries = entries + [
-            EffectEntry(
-                n, next(e.teacher_prompt for e in EFFECTS if e.name == n), prompts[n], teacher_name(n)
+        md.append(
+            extension_table(
+                s, names, entries, results, prompts, scenes, args.teacher_steps, ours, summary, args.extend
             )
-            for n in new
-        ]
-        all_truths = ground_truths(all_entries, scenes, s.bb.image_size)
-        ext = [
-            evaluate_system(
-                s.bb, stacked_system("Base+Lightning", True, ""), all_entries, scenes, all_truths
-            ),
-            evaluate_system(
-                s.bb,
-                student_system(
-                    adapter="ours_ext",
-                    name=f"Ours extended ({ext_cfg.coarse} coarse + {ext_steps} steps)",
-                ),
-                all_entries,
-                scenes,
-                all_truths,
-            ),
-        ]
-        md.append(table(ext, f"Table 5 analogue: {len(names)} -> {len(names) + len(new)} effects"))
-        summary["extension"] = {"new_effects": new, "systems": headline(ext)}
+        )
         summary_json.write_text(json.dumps(summary, indent=1))
 
     flush(done=True)

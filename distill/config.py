@@ -327,6 +327,13 @@ def budget_steps(steps: int, n_effects: int, sized_for: int) -> int:
     return math.ceil(steps * n_effects / sized_for / 10) * 10
 
 
+def extension_steps(steps: int, n_effects: int, n_new: int = 1) -> int:
+    """Generator steps that add ``n_new`` effects to a CollectionLoRA distilled in ``steps`` over
+    ``n_effects``: each new effect gets one effect's share of that run. The paper's 5000 steps over 50
+    effects give its 100 steps per added effect (Tab. 5)."""
+    return max(1, math.ceil(steps * n_new / n_effects))
+
+
 def _shape(spec: LoraSpec) -> tuple[int, float, tuple[str, ...]]:
     """What must agree for one LoRA's weights to be copied into another."""
     return spec.rank, float(spec.alpha), tuple(spec.target_modules)

@@ -29,7 +29,7 @@ def _reproduce(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reproduce")
-    p = _reproduce("--quick", "--extend", "1", "--work", str(tmp / "work"), "--out", str(tmp / "out"))
+    p = _reproduce("--quick", "--extend", "2", "--work", str(tmp / "work"), "--out", str(tmp / "out"))
     assert p.returncode == 0, p.stderr[-3000:]
     return tmp
 
@@ -82,12 +82,25 @@ def test_set_is_checked_before_any_training(tmp_path, monkeypatch, capsys, value
     assert not any(tmp_path.iterdir())  # rejected before anything was trained or written
 
 
-def test_quick_run_extends_the_collection(quick_run):
-    """Table 5: one new effect added to the finished CollectionLoRA by a short run."""
+def test_quick_run_extends_the_collection_one_effect_at_a_time(quick_run):
+    """Table 5: two new effects added in turn, each by a short run from the previous CollectionLoRA."""
     summary = json.loads((quick_run / "out" / "table1_quick.json").read_text())
     ext = summary["extension"]
-    assert len(ext["new_effects"]) == 1
-    ours_ext = next(k for k in ext["systems"] if k.startswith("Ours extended"))
-    assert math.isfinite(ext["systems"][ours_ext]["psnr"])
+    assert len(ext["new_effects"]) == 2
+    n0 = len(summary["effects"])
+    assert [st["effects"] for st in ext["stages"]] == [n0, n0 + 1, n0 + 2]
+    # the first column is Table 1's own Base+Lightning and Ours
+    assert ext["stages"][0]["ours"]["psnr"] == summary["systems"]["Ours"]["psnr"]
+    assert ext["stages"][0]["base_lightning"]["psnr"] == summary["systems"]["Base+Lightning"]["psnr"]
+    for st in ext["stages"][1:]:
+        assert math.isfinite(st["ours"]["psnr"]) and math.isfinite(st["ours_on_first"]["psnr"])
+    loras = {f.stem for f in (quick_run / "work" / "quick" / "loras").glob("*.safetensors")}
+    assert {"ours_ext1", "ours_ext2"} <= loras
     md = (quick_run / "out" / "table1_quick.md").read_text()
-    assert "Table 5 analogue" in md and ours_ext in md
+    assert "Table 5 analogue" in md
+    table5 = md.split("Table 5 analogue")[1]
+    row = next(line for line in table5.splitlines() if line.startswith("| Ours |"))
+    last = ext["stages"][-1]["ours"]
+    assert row.endswith(f"| {last['psnr']:.2f} / {last['bcr']:.3f} |")
+    # the new effects are scored in the last stage's per-effect table
+    assert all(f"| {n} |" in table5.split("Per effect at")[1] for n in ext["new_effects"])

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from distill.backbones.adapters import LoraSpec
-from distill.config import DistillConfig, budget_steps
+from distill.config import DistillConfig, budget_steps, extension_steps
 from distill.lora_training import LoraTrainConfig
 from distill.settings import checked_settings
 
@@ -58,3 +58,11 @@ def test_the_presets_step_budget_grows_with_the_effects() -> None:
     assert DistillConfig.for_backbone("qwen-image-edit", 50).steps == 5000  # the paper's, for its 50
     assert DistillConfig.for_backbone("qwen-image-edit", 54).steps == 5400
     assert budget_steps(100, 9, 4) == 230  # 225, up to tens
+
+
+def test_an_extension_gets_one_effects_share_per_new_effect() -> None:
+    paper = DistillConfig.for_backbone("qwen-image-edit", 50).steps
+    assert extension_steps(paper, 50) == 100  # Tab. 5: 100 generator steps per added effect
+    assert extension_steps(320, 10) == 32
+    assert extension_steps(320, 10, n_new=4) == 128
+    assert extension_steps(5, 10) == 1  # rounded up, never zero

@@ -32,7 +32,7 @@ from distill.backbones import adapters
 from distill.backbones.base import Backbone
 from distill.backbones.registry import load_backbone
 from distill.callbacks import Reporter
-from distill.config import DistillConfig, merge_overrides
+from distill.config import DistillConfig, extension_steps, merge_overrides
 from distill.effectbench.general import GENERAL_EDITS, general_images
 from distill.export import (
     FORMATS,
@@ -55,7 +55,6 @@ from .library import LibraryError
 from .lora_files import store_lora
 
 RUN_KINDS = (RunKind.DISTILL.value, RunKind.EXTEND.value)
-EXTEND_STEPS = 100  # Tab. 5: the 51st-54th effects were added with 100 generator steps
 GENERAL_IMAGES = 64
 FAKE_PREFIX = "fake/"  # the fake critic's tensors in a distillation checkpoint
 
@@ -235,11 +234,12 @@ def extend_collection(
     *,
     from_run: int | None = None,
     from_lora: int | None = None,
-    steps: int = EXTEND_STEPS,
+    steps: int | None = None,
     config_overrides: dict[str, Any] | None = None,
     name: str = "",
 ) -> int:
-    """Queue a short run that adds ``new_effects`` to an existing CollectionLoRA (Tab. 5).
+    """Queue a short run that adds ``new_effects`` to an existing CollectionLoRA (Tab. 5). Without
+    ``steps``, each new effect gets one effect's share of the parent run's steps (``extension_steps``).
 
     The student starts from the existing one and the old effects are replayed beside the new ones
     (``DistillConfig.new_effect_share`` of the effect batches go to the new effects); the fake critic
@@ -268,10 +268,12 @@ def extend_collection(
             if prun is not None:
                 parent_cfg = (prun.config or {}).get("distill")
                 model_path = (prun.config or {}).get("model_path", model_path)
-    base = parent_cfg or DistillConfig.for_backbone(backbone).to_dict()
+    base = parent_cfg or DistillConfig.for_backbone(backbone, len(old)).to_dict()
     if parent_cfg is None:  # the student's shape is what the file says
         spec = {"rank": parent.rank, "alpha": parent.alpha}
         base["student_lora"] = {**base["student_lora"], **spec}
+    if steps is None:
+        steps = extension_steps(int(base["steps"]), len(old), len(new_effects))
     config = _config(backbone, base, {"steps": steps, **(config_overrides or {})})
     run_config = {
         "effects": [p.name for p in plans],
@@ -534,6 +536,11 @@ def resume(studio: Studio, run_id: int) -> int:
     """Restart a stopped or failed distillation run from its last checkpoint; returns the worker pid."""
     _check_kind(studio, run_id)
     return runs.resume(studio, run_id)
+
+
+def planned_steps(studio: Studio, run_id: int) -> int:
+    """The generator steps a queued distillation or extension run will take."""
+    return int(status(studio, run_id).config["distill"]["steps"])
 
 
 def status(studio: Studio, run_id: int) -> runs.RunView:

@@ -210,6 +210,12 @@ def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitt
     assert ext_lora.meta["effects"] == ["warm", "frame"] and ext_lora.meta["new_effects"] == ["frame"]
     assert ext_lora.sha256 != lora.sha256
 
+    # no steps given: the new effect gets one effect's share of the parent's run (2 steps over 1 effect)
+    code, text = _cli(monkeypatch, "distill", "extend", "--from", str(run_id), "--effects", "frame")
+    assert code == 0 and "+ frame (2 steps)" in text
+    auto_id = int(text.split("queued extension run ")[1].split(":")[0])
+    assert distill_service.planned_steps(studio, auto_id) == 2
+
     # CLI: export in both layouts, status
     out = tmp_path / "collection.safetensors"
     code, text = _cli(monkeypatch, "distill", "export", str(ext_id), "--out", str(out))

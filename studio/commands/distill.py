@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--from", dest="from_run", type=int, required=True, metavar="RUN", help="the run to extend"
     )
     p.add_argument("--effects", nargs="+", required=True, metavar="EFFECT", help="the new effects")
-    _run_options(p, default_steps="100")
+    _run_options(p, default_steps="one effect's share of the parent run's steps per new effect")
     p.set_defaults(handler=cmd_extend)
 
     p = dsub.add_parser("export", help="write a run's CollectionLoRA as one .safetensors file")
@@ -115,10 +115,14 @@ def cmd_extend(args: argparse.Namespace, studio: Studio) -> int:
     from .. import distill_service
 
     overrides = _overrides(args)
-    steps = overrides.pop("steps", distill_service.EXTEND_STEPS)
     run_id = distill_service.extend_collection(
-        studio, args.effects, from_run=args.from_run, steps=steps, config_overrides=overrides
+        studio,
+        args.effects,
+        from_run=args.from_run,
+        steps=overrides.pop("steps", None),  # none given: one effect's share of the parent's per new effect
+        config_overrides=overrides,
     )
+    steps = distill_service.planned_steps(studio, run_id)
     print(f"queued extension run {run_id}: run {args.from_run} + {', '.join(args.effects)} ({steps} steps)")
     return follow_run(studio, run_id) if args.wait else 0
 

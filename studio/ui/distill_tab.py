@@ -278,7 +278,7 @@ def extend(
             raise DistillError("Pick the finished CollectionLoRA to extend.")
         if not new_effects:
             raise DistillError("Tick the new effects to add.")
-        n = _whole(steps, "Steps")
+        n = None if steps in (None, "") else _whole(steps, "Steps")  # empty: the share rule
         run_id = distill_service.extend_collection(
             studio,
             list(new_effects),
@@ -288,7 +288,8 @@ def extend(
         )
         return (
             f"Started run {run_id}: extending run {from_run}'s CollectionLoRA with "
-            f"{', '.join(new_effects)}, {n} steps.{_queued_note(studio, run_id)}",
+            f"{', '.join(new_effects)}, {distill_service.planned_steps(studio, run_id)} steps."
+            f"{_queued_note(studio, run_id)}",
             run_id,
         )
 
@@ -418,7 +419,10 @@ def build(studio: Studio, app: gr.Blocks) -> None:
         from_in = gr.Dropdown(choices=[], value=None, label="Finished run", elem_id="distill-extend-from")
         new_in = gr.CheckboxGroup(choices=[], value=[], label="New effects", elem_id="distill-extend-effects")
         ext_steps = gr.Number(
-            value=distill_service.EXTEND_STEPS, label="Steps", precision=0, elem_id="distill-extend-steps"
+            value=None,
+            label="Steps (empty: each new effect gets one effect's share of the finished run's steps)",
+            precision=0,
+            elem_id="distill-extend-steps",
         )
         extend_btn = gr.Button("Extend", elem_id="distill-extend")
     timer = gr.Timer(runs_view.POLL_S, active=False)

@@ -262,18 +262,20 @@ def extend_collection(
     plans = plan_effects(studio, [*old, *new_effects])
     parent_cfg: dict[str, Any] | None = None
     model_path = studio.config.model_path
+    share_of = len(old)  # the effects the parent's steps were for
     if parent.run_id is not None:
         with studio.session() as s:
             prun = s.get(Run, parent.run_id)
             if prun is not None:
                 parent_cfg = (prun.config or {}).get("distill")
                 model_path = (prun.config or {}).get("model_path", model_path)
+                share_of = len((prun.config or {}).get("new_effects") or old)  # an extension's: its new ones
     base = parent_cfg or DistillConfig.for_backbone(backbone, len(old)).to_dict()
     if parent_cfg is None:  # the student's shape is what the file says
         spec = {"rank": parent.rank, "alpha": parent.alpha}
         base["student_lora"] = {**base["student_lora"], **spec}
     if steps is None:
-        steps = extension_steps(int(base["steps"]), len(old), len(new_effects))
+        steps = extension_steps(int(base["steps"]), share_of, len(new_effects))
     config = _config(backbone, base, {"steps": steps, **(config_overrides or {})})
     run_config = {
         "effects": [p.name for p in plans],

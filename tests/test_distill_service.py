@@ -234,6 +234,15 @@ def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitt
     code, _ = _cli(monkeypatch, "distill", "export", "999", "--out", str(out))
     assert code == 2
 
+    # extending an extension: the share is of the steps it took for its own new effects (as if 6 for "frame")
+    with studio.session() as s:
+        ext = s.get(runs.Run, ext_id)
+        ext.config = {**ext.config, "distill": {**ext.config["distill"], "steps": 6}}
+        s.commit()
+    _add_effect(studio, tmp_path, "third", 3)
+    chained = distill_service.extend_collection(studio, ["third"], from_run=ext_id)
+    assert distill_service.planned_steps(studio, chained) == 6
+
 
 def test_cli_run_and_extend_build_the_run(studio: Studio, submitted, monkeypatch, capsys) -> None:
     code, text = _cli(

@@ -33,7 +33,7 @@ from distill.backbones import adapters  # noqa: E402
 from distill.backbones.tiny import TinyConfig, TinyEditor  # noqa: E402
 from distill.callbacks import NullReporter, TqdmReporter  # noqa: E402
 from distill.checkpointing import latest_checkpoint  # noqa: E402
-from distill.config import DistillConfig, extension_steps  # noqa: E402
+from distill.config import DistillConfig  # noqa: E402
 from distill.effectbench.bench import BenchSpec, ground_truth, test_sources, train_scene  # noqa: E402
 from distill.effectbench.effects import EFFECTS, MAIN_BENCH  # noqa: E402
 from distill.effectbench.general import GENERAL_EDITS, general_images  # noqa: E402
@@ -323,8 +323,8 @@ def extension_table(
     new = [e.name for e in EFFECTS[len(MAIN_BENCH) : len(MAIN_BENCH) + n_new]]  # the extension set
     train_teachers(s, new, teacher_steps)
     prompts.update(student_prompts(s, names + new))
-    ours_steps = DistillConfig.for_backbone("tiny", len(names), **ours).steps  # as Ours ran, N-scaled
-    add_cfg = DistillConfig.for_backbone("tiny", **{**ours, "steps": extension_steps(ours_steps, len(names))})
+    ours_cfg = DistillConfig.for_backbone("tiny", len(names), **ours)  # as Ours ran, N-scaled
+    add_cfg = ours_cfg.for_extension(len(names))
     all_entries = entries + [
         EffectEntry(n, next(e.teacher_prompt for e in EFFECTS if e.name == n), prompts[n], teacher_name(n))
         for n in new
@@ -355,6 +355,7 @@ def extension_table(
         "new_effects": new,
         "steps_per_effect": add_cfg.steps,
         "coarse_steps_per_effect": add_cfg.coarse,
+        "coarse_lr": add_cfg.coarse_lr,
         "stages": [
             {
                 "effects": n,
@@ -378,7 +379,7 @@ def extension_table(
             "",
             f"Each of {', '.join(new)} added in turn to the previous CollectionLoRA by {add_cfg.steps} "
             f"generator steps (after {add_cfg.coarse} coarse TA-FM steps): one effect's share of Ours' "
-            f"{ours_steps}. PSNR (dB) / BCR over every effect so far.",
+            f"{ours_cfg.steps}, at coarse lr {add_cfg.coarse_lr:g}. PSNR (dB) / BCR over every effect so far.",
             "",
             f"| System | {head} |",
             "|---" * (len(stages) + 1) + "|",

@@ -8,7 +8,7 @@ and for the baselines that share this code (Lightning = the general stream alone
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .backbones.adapters import LoraSpec
@@ -71,6 +71,11 @@ class DistillConfig:
     # the coarse stage's lr over its steps: "constant", or "cosine" down to lr_min_ratio x coarse_lr by its
     # end (a regression at a high lr plateaus at its own noise; the full objective then starts low anyway)
     coarse_lr_schedule: str = "constant"
+    # the coarse lr of an extension run (None: coarse_lr). A run that adds one effect to a CollectionLoRA
+    # starts from a student that already holds the others; the full-run coarse lr moves it far from
+    # them in a few hundred steps (10 -> 11 effects, tiny: the first 10 lost 0.57 dB at 2e-3, 0.17 at
+    # 5e-4, and the new effect gained 34.0 -> 35.0 dB; results/table1_10fx27.md)
+    extension_coarse_lr: float | None = None
     # which effect an effect-stream draw trains: "uniform", or "loss": half the draws uniform, half in
     # proportion to each effect's running TA-FM loss, to give unlearned effects more of the run
     # (no gain measured at 3 effects: results/recipe_tiny.md, session 4)
@@ -153,6 +158,8 @@ class DistillConfig:
             raise ValueError("coarse_ratio must be >= 0")
         if self.coarse_lr is not None and not 0 < self.coarse_lr < 1:
             raise ValueError("coarse_lr must be between 0 and 1 (or unset: lr_student)")
+        if self.extension_coarse_lr is not None and not 0 < self.extension_coarse_lr < 1:
+            raise ValueError("extension_coarse_lr must be between 0 and 1 (or unset: coarse_lr)")
         if (
             self.coarse_ratio
             and self.coarse_fake_init
@@ -182,6 +189,13 @@ class DistillConfig:
 
     def is_coarse(self, step: int) -> bool:
         return step < self.coarse
+
+    def for_extension(self, n_effects: int, n_new: int = 1) -> DistillConfig:
+        """The run that adds ``n_new`` effects to a CollectionLoRA this config distilled over
+        ``n_effects``: one effect's share of the steps each (``extension_steps``), at the extension's
+        coarse lr."""
+        lr = self.extension_coarse_lr if self.extension_coarse_lr is not None else self.coarse_lr
+        return replace(self, steps=extension_steps(self.steps, n_effects, n_new), coarse_lr=lr)
 
     def student_lr_at(self, step: int) -> float:
         """The student's base lr at ``step`` (before ``lr_factor``): ``coarse_lr`` in the coarse stage."""
@@ -286,6 +300,7 @@ class DistillConfig:
                 coarse_ratio=64.0,
                 coarse_lr=2e-3,
                 coarse_lr_schedule="cosine",
+                extension_coarse_lr=5e-4,
                 lr_student=3e-5,
                 real_cfg=1.0,
                 lr_fake=1e-4,  # the paper's; 2e-3 cost 0.4 dB (session 15)

@@ -32,7 +32,7 @@ from distill.backbones import adapters
 from distill.backbones.base import Backbone
 from distill.backbones.registry import load_backbone
 from distill.callbacks import Reporter
-from distill.config import DistillConfig, extension_steps, merge_overrides
+from distill.config import DistillConfig, merge_overrides
 from distill.effectbench.general import GENERAL_EDITS, general_images
 from distill.export import (
     FORMATS,
@@ -274,9 +274,9 @@ def extend_collection(
     if parent_cfg is None:  # the student's shape is what the file says
         spec = {"rank": parent.rank, "alpha": parent.alpha}
         base["student_lora"] = {**base["student_lora"], **spec}
-    if steps is None:
-        steps = extension_steps(int(base["steps"]), share_of, len(new_effects))
-    config = _config(backbone, base, {"steps": steps, **(config_overrides or {})})
+    extension = DistillConfig.from_dict(base).for_extension(share_of, len(new_effects))
+    overrides = {**({} if steps is None else {"steps": steps}), **(config_overrides or {})}
+    config = _config(backbone, extension.to_dict(), overrides)
     run_config = {
         "effects": [p.name for p in plans],
         "new_effects": list(new_effects),

@@ -190,6 +190,9 @@ def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitt
     assert parent_run == run_id and ext_config["new_effects"] == ["frame"]
     assert ext_config["effects"] == ["warm", "frame"] and ext_config["distill"]["steps"] == 1
     assert ext_config["distill"]["student_lora"] == config["distill"]["student_lora"]
+    # the extension's coarse stage runs at the parent's extension lr, not its full-run one
+    assert ext_config["distill"]["coarse_lr"] == config["distill"]["extension_coarse_lr"]
+    assert config["distill"]["extension_coarse_lr"] != config["distill"]["coarse_lr"]
 
     ctx = _context(studio, ext_id)
     prep = distill_service.prepare(studio, ctx.config, ctx.run_dir)

@@ -66,3 +66,15 @@ def test_an_extension_gets_one_effects_share_per_new_effect() -> None:
     assert extension_steps(320, 10) == 32
     assert extension_steps(320, 10, n_new=4) == 128
     assert extension_steps(5, 10) == 1  # rounded up, never zero
+
+
+def test_an_extension_config_takes_the_share_and_the_extension_lr() -> None:
+    ours = DistillConfig.for_backbone("tiny", 10)
+    ext = ours.for_extension(10)
+    assert ext.steps == extension_steps(ours.steps, 10) and ext.coarse_ratio == ours.coarse_ratio
+    assert ext.coarse_lr == ours.extension_coarse_lr != ours.coarse_lr
+    assert ext.lr_student == ours.lr_student  # only the coarse stage's lr changes
+    paper = DistillConfig.for_backbone("qwen-image-edit", 50)  # no extension lr: the run's own
+    assert paper.for_extension(50, 4).coarse_lr == paper.coarse_lr and paper.for_extension(50, 4).steps == 400
+    with pytest.raises(ValueError, match="extension_coarse_lr"):
+        DistillConfig(extension_coarse_lr=2.0)

@@ -270,7 +270,8 @@ def extend_collection(
                 parent_cfg = (prun.config or {}).get("distill")
                 model_path = (prun.config or {}).get("model_path", model_path)
                 share_of = len((prun.config or {}).get("new_effects") or old)  # an extension's: its new ones
-    base = parent_cfg or DistillConfig.for_backbone(backbone, len(old)).to_dict()
+    # settings the parent's run predates take the preset's values (not the bare dataclass defaults)
+    base = {**DistillConfig.for_backbone(backbone, len(old)).to_dict(), **(parent_cfg or {})}
     if parent_cfg is None:  # the student's shape is what the file says
         spec = {"rank": parent.rank, "alpha": parent.alpha}
         base["student_lora"] = {**base["student_lora"], **spec}

@@ -246,6 +246,18 @@ def test_distill_then_extend_then_export(studio: Studio, tmp_path: Path, submitt
     chained = distill_service.extend_collection(studio, ["third"], from_run=ext_id)
     assert distill_service.planned_steps(studio, chained) == 6
 
+    # a parent run recorded before a setting existed: the extension takes the preset's value for it
+    with studio.session() as s:
+        ext = s.get(runs.Run, ext_id)
+        old_cfg = {k: v for k, v in ext.config["distill"].items() if k != "extension_coarse_lr"}
+        ext.config = {**ext.config, "distill": {**old_cfg, "coarse_lr": 1e-3}}
+        s.commit()
+    older = distill_service.extend_collection(studio, ["third"], from_run=ext_id)
+    with studio.session() as s:
+        older_cfg = s.get(runs.Run, older).config["distill"]
+    preset = DistillConfig.for_backbone("tiny")
+    assert older_cfg["coarse_lr"] == preset.extension_coarse_lr != 1e-3
+
 
 def test_cli_run_and_extend_build_the_run(studio: Studio, submitted, monkeypatch, capsys) -> None:
     code, text = _cli(

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from distill.config import DistillConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("Base", "Base+Lightning", "FM+Lightning", "Ours")
 
@@ -89,6 +91,7 @@ def test_quick_run_extends_the_collection_one_effect_at_a_time(quick_run):
     assert len(ext["new_effects"]) == 2
     n0 = len(summary["effects"])
     assert [st["effects"] for st in ext["stages"]] == [n0, n0 + 1, n0 + 2]
+    assert ext["coarse_lr"] == DistillConfig.for_backbone("tiny").extension_coarse_lr  # not the full run's
     # the first column is Table 1's own Base+Lightning and Ours
     assert ext["stages"][0]["ours"]["psnr"] == summary["systems"]["Ours"]["psnr"]
     assert ext["stages"][0]["base_lightning"]["psnr"] == summary["systems"]["Base+Lightning"]["psnr"]

@@ -73,8 +73,8 @@ class DistillConfig:
     coarse_lr_schedule: str = "constant"
     # the coarse lr of an extension run (None: coarse_lr). A run that adds one effect to a CollectionLoRA
     # starts from a student that already holds the others; the full-run coarse lr moves it far from
-    # them in a few hundred steps (10 -> 11 effects, tiny: the first 10 lost 0.57 dB at 2e-3, 0.17 at
-    # 5e-4, and the new effect gained 34.0 -> 35.0 dB; results/table1_10fx27.md)
+    # them in a few hundred steps (10 -> 14 effects one at a time, tiny: the first 10 lost 0.81 dB at
+    # 2e-3, 0.38 at 5e-4, for 0.6-1.6 dB less on three of the four new ones; results/table1_10fx28.md)
     extension_coarse_lr: float | None = None
     # which effect an effect-stream draw trains: "uniform", or "loss": half the draws uniform, half in
     # proportion to each effect's running TA-FM loss, to give unlearned effects more of the run

@@ -239,7 +239,8 @@ def extend_collection(
     name: str = "",
 ) -> int:
     """Queue a short run that adds ``new_effects`` to an existing CollectionLoRA (Tab. 5). Without
-    ``steps``, each new effect gets one effect's share of the parent run's steps (``extension_steps``).
+    ``steps``, each new effect gets one effect's share of the parent run's steps, and the coarse stage
+    runs at the extension's lr (``DistillConfig.for_extension``).
 
     The student starts from the existing one and the old effects are replayed beside the new ones
     (``DistillConfig.new_effect_share`` of the effect batches go to the new effects); the fake critic

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -302,6 +303,11 @@ def learning_curve(
         log(lines[-1])
     adapters.delete(tr, "curve")
     return "\n".join(lines) + "\n"
+
+
+def command_line(args: list[str]) -> str:
+    """The command that made a run, as a shell takes it back (quoted: ``--set`` carries JSON)."""
+    return shlex.join(["python", "bench/reproduce.py", *args])
 
 
 def extension_table(
@@ -698,7 +704,7 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
-    cmd = "python bench/reproduce.py " + " ".join(sys.argv[1:])
+    cmd = command_line(sys.argv[1:])
     md = [
         f"# EffectBench-mini, {len(names)} effects ({tag})",
         "",

@@ -4,6 +4,7 @@ scored, and the tables and the JSON summary say the same thing."""
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,13 @@ def test_quick_run_extends_the_collection_one_effect_at_a_time(quick_run):
     assert row.endswith(f"| {last['psnr']:.2f} / {last['bcr']:.3f} |")
     # the new effects are scored in the last stage's per-effect table
     assert all(f"| {n} |" in table5.split("Per effect at")[1] for n in ext["new_effects"])
+
+
+def test_recorded_command_reads_back_as_the_same_arguments(monkeypatch):
+    """A run's tables carry the command that made it; with ``--set`` JSON it must stay one argument."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import reproduce
+
+    args = ["--effects", "10", "--set", '{"ta_fm_batch": 4, "coarse_ratio": 96}', "--tag", "a b"]
+    cmd = reproduce.command_line(args)
+    assert shlex.split(cmd) == ["python", "bench/reproduce.py", *args]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -172,8 +173,14 @@ def main(argv: list[str] | None = None) -> None:
                     **quality,
                 },
                 "history": history,
-                "command": "python -m distill.backbones.pretrain_tiny "
-                + " ".join(sys.argv[1:] if argv is None else argv),
+                "command": shlex.join(
+                    [
+                        "python",
+                        "-m",
+                        "distill.backbones.pretrain_tiny",
+                        *(sys.argv[1:] if argv is None else argv),
+                    ]
+                ),
             }
             if parent is not None:  # continued training: keep the parent's recipe and where we began
                 recipe["init"] = {"path": str(args.init), "quality_psnr_db": start, "recipe": parent}

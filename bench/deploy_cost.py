@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -192,7 +193,7 @@ def main() -> None:
                 [f"{r[f'acc {rname} {kind}']:.0%} ({r[f'ms {rname} {kind}']:.2f} ms/q)" for r in rows],
             )
     row("Routing accuracy", "ours (trigger, exact lookup)", [f"{r['ours_acc']:.0%} (0 ms/q)" for r in rows])
-    print(f"\nCommand: `python bench/deploy_cost.py {' '.join(sys.argv[1:])}`")
+    print(f"\nCommand: `{shlex.join(['python', 'bench/deploy_cost.py', *sys.argv[1:]])}`")
 
 
 if __name__ == "__main__":

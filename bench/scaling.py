@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "table4_scaling.md")
     args = ap.parse_args(argv)
     runs = [load(args.results, t) for t in args.tags]
-    cmd = "python bench/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = shlex.join(["python", "bench/scaling.py", *(argv if argv is not None else sys.argv[1:])])
     sources = "\n".join(f"- {r['tag']}: `{r['command']}` at commit `{r['commit']}`" for r in runs)
     text = (
         "# Table 4 analogue: scaling the number of effects in one LoRA\n\n"

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -303,7 +304,7 @@ def main() -> None:
         )
         if r["errors"]:
             print(f"\n{kind}: {len(r['errors'])} errors, first: {r['errors'][0]}\n")
-    print(f"\nCommand: `python bench/serve.py {' '.join(sys.argv[1:])}`")
+    print(f"\nCommand: `{shlex.join(['python', 'bench/serve.py', *sys.argv[1:]])}`")
     print(
         json.dumps({k: {kk: v for kk, v in r.items() if kk != "errors"} for k, r in rows.items()}),
         file=sys.stderr,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -204,8 +205,8 @@ def write(
     argv: list[str] | None,
     summary: str,
 ) -> None:
-    command = "OMP_NUM_THREADS=1 python bench/teachers.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
+    command = "OMP_NUM_THREADS=1 " + shlex.join(
+        ["python", "bench/teachers.py", *(argv if argv is not None else sys.argv[1:])]
     )
     recipe = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if k != "target_modules")
     text = (

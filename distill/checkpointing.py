@@ -124,7 +124,15 @@ def latest_checkpoint(path: Path) -> Path | None:
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints in ``folder``."""
+    """Delete all but the newest ``keep`` checkpoints in ``folder``.
+
+    Each goes out of sight by a rename to ``.old`` before its files are deleted: a kill during the
+    delete must not leave a folder that still carries COMPLETE without its tensors. ``.old`` folders a
+    killed prune left behind are swept here too."""
     found = list_checkpoints(folder)
     for old in found[: max(len(found) - keep, 0)]:  # fewer than ``keep``: nothing goes
-        shutil.rmtree(old, ignore_errors=True)
+        gone = old.with_name(old.name + ".old")
+        shutil.rmtree(gone, ignore_errors=True)
+        old.rename(gone)
+    for stale in Path(folder).glob(STEP_PREFIX + "*.old"):
+        shutil.rmtree(stale, ignore_errors=True)

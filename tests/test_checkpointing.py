@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distill import checkpointing
 from distill.checkpointing import (
     atomic_dir,
     flatten_optimizer,
@@ -76,3 +77,26 @@ def test_find_and_prune_step_folders(tmp_path: Path) -> None:
     prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000004", "step-000010"]
     assert (tmp_path / "step-000012").exists()  # only complete checkpoints are pruned
+
+
+def test_a_prune_killed_mid_delete_leaves_no_complete_folder_without_tensors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for step in (2, 4, 6):
+        save_checkpoint(step_dir(tmp_path, step), {"x": torch.zeros(1)}, {"step": step})
+
+    def dies_after_the_tensors(path: Path, ignore_errors: bool = False) -> None:
+        state = Path(path) / "state.safetensors"
+        if state.exists():  # the process dies with the tensors gone and COMPLETE still there
+            state.unlink()
+            raise SystemExit("killed")
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", dies_after_the_tensors)
+    with pytest.raises(SystemExit):
+        prune_checkpoints(tmp_path, keep=2)
+    monkeypatch.undo()
+    for ck in list_checkpoints(tmp_path):  # every folder still listed loads
+        load_checkpoint(ck)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000004", "step-000006"]
+    prune_checkpoints(tmp_path, keep=2)  # the next prune sweeps what the killed one left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000004", "step-000006"]

@@ -135,14 +135,21 @@ def load_cached_teachers(bb: TinyEditor, work: Path, names: list[str]) -> None:
     adapters.set_trainable(bb.transformer, [])
 
 
+def _train_teacher(s: Setup, name: str, cfg: LoraTrainConfig) -> None:
+    reporter = None if s.quick else TqdmReporter(teacher_name(name))
+    try:
+        train_lora(s.bb, teacher_name(name), pairs_of(name, 20), cfg, reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
 def train_teachers(s: Setup, names: list[str], steps: int | None) -> dict[str, float]:
     cfg = LoraTrainConfig.for_backbone("tiny", **({"steps": steps} if steps else {}), seed=s.seed)
     secs = {}
     for k, name in enumerate(names):
         log(f"teacher {k + 1}/{len(names)}: {name}")
-        secs[name] = ensure_lora(
-            s, teacher_name(name), lambda n=name: train_lora(s.bb, teacher_name(n), pairs_of(n, 20), cfg)
-        )
+        secs[name] = ensure_lora(s, teacher_name(name), lambda n=name: _train_teacher(s, n, cfg))
     adapters.set_trainable(s.bb.transformer, [])
     return secs
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from distill.backbones import adapters  # noqa: E402
 from distill.backbones.registry import load_backbone  # noqa: E402
+from distill.callbacks import TqdmReporter  # noqa: E402
 from distill.effectbench.bench import BenchSpec, ground_truth, mirror_flips, test_sources, train_scene  # noqa: E402
 from distill.effectbench.effects import MAIN_BENCH, get_effect  # noqa: E402
 from distill.effectbench.scenes import CATEGORIES  # noqa: E402
@@ -149,7 +150,11 @@ def main(argv: list[str] | None = None) -> None:
             pairs.append((to_tensor(sc.image), to_tensor(ground_truth(effect, sc)), effect.teacher_prompt))
         adapter = teacher_name(name)
         flip_x, flip_y = mirror_flips(effect) if args.mirror else (False, False)
-        res = train_lora(backbone, adapter, pairs, replace(cfg, flip_x=flip_x, flip_y=flip_y))
+        reporter = TqdmReporter(adapter)
+        try:
+            res = train_lora(backbone, adapter, pairs, replace(cfg, flip_x=flip_x, flip_y=flip_y), reporter)
+        finally:
+            reporter.close()
         teacher = evaluate_teacher(backbone, adapter, effect, effect.teacher_prompt, scenes)
         base = evaluate_teacher(backbone, None, effect, effect.teacher_prompt, scenes)
         src_psnr, _ = score(backbone.prepare_images(sources), ground_truths(effect, scenes))

@@ -24,10 +24,11 @@ def test_pairs_out_of_range_is_a_usage_error(tmp_path, capsys):
     assert "between 1 and" in capsys.readouterr().err
 
 
-def test_a_tiny_run_records_its_pairs(tmp_path):
+def test_a_tiny_run_records_its_pairs(tmp_path, capsys):
     out = tmp_path / "t.md"
     args = ["--effects", "sepia", "--pairs", "3", "--steps", "2", "--n-test", "1", "--out", str(out)]
     _script().main(args + ["--save-loras", str(tmp_path / "loras")])
+    assert "teacher_sepia: 100%" in capsys.readouterr().err  # the training's progress bar
     text = out.read_text()
     assert "Training: 3 pairs per effect" in text
     row = next(line for line in text.splitlines() if line.startswith("| sepia |"))

@@ -135,10 +135,11 @@ def load_cached_teachers(bb: TinyEditor, work: Path, names: list[str]) -> None:
     adapters.set_trainable(bb.transformer, [])
 
 
-def _train_teacher(s: Setup, name: str, cfg: LoraTrainConfig) -> None:
-    reporter = None if s.quick else TqdmReporter(teacher_name(name))
+def _train_lora(s: Setup, adapter: str, pairs: list, cfg: LoraTrainConfig) -> None:
+    """eq. 2 training of ``adapter`` on ``pairs``, with a progress bar outside --quick."""
+    reporter = None if s.quick else TqdmReporter(adapter)
     try:
-        train_lora(s.bb, teacher_name(name), pairs_of(name, 20), cfg, reporter)
+        train_lora(s.bb, adapter, pairs, cfg, reporter)
     finally:
         if reporter is not None:
             reporter.close()
@@ -149,7 +150,9 @@ def train_teachers(s: Setup, names: list[str], steps: int | None) -> dict[str, f
     secs = {}
     for k, name in enumerate(names):
         log(f"teacher {k + 1}/{len(names)}: {name}")
-        secs[name] = ensure_lora(s, teacher_name(name), lambda n=name: _train_teacher(s, n, cfg))
+        secs[name] = ensure_lora(
+            s, teacher_name(name), lambda n=name: _train_lora(s, teacher_name(n), pairs_of(n, 20), cfg)
+        )
     adapters.set_trainable(s.bb.transformer, [])
     return secs
 
@@ -679,7 +682,7 @@ def main() -> None:
         ensure_lora(
             s,
             "fm_all",
-            lambda: train_lora(s.bb, "fm_all", [p for n in names for p in pairs_of(n, 20)], fm_cfg),
+            lambda: _train_lora(s, "fm_all", [p for n in names for p in pairs_of(n, 20)], fm_cfg),
         )
     log("Ours (CollectionLoRA)")
     specs = effect_specs(s, names, prompts)

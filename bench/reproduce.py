@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -137,12 +138,8 @@ def load_cached_teachers(bb: TinyEditor, work: Path, names: list[str]) -> None:
 
 def _train_lora(s: Setup, adapter: str, pairs: list, cfg: LoraTrainConfig) -> None:
     """eq. 2 training of ``adapter`` on ``pairs``, with a progress bar outside --quick."""
-    reporter = None if s.quick else TqdmReporter(adapter)
-    try:
+    with nullcontext() if s.quick else TqdmReporter(adapter) as reporter:
         train_lora(s.bb, adapter, pairs, cfg, reporter)
-    finally:
-        if reporter is not None:
-            reporter.close()
 
 
 def train_teachers(s: Setup, names: list[str], steps: int | None) -> dict[str, float]:

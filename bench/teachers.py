@@ -150,11 +150,8 @@ def main(argv: list[str] | None = None) -> None:
             pairs.append((to_tensor(sc.image), to_tensor(ground_truth(effect, sc)), effect.teacher_prompt))
         adapter = teacher_name(name)
         flip_x, flip_y = mirror_flips(effect) if args.mirror else (False, False)
-        reporter = TqdmReporter(adapter)
-        try:
+        with TqdmReporter(adapter) as reporter:
             res = train_lora(backbone, adapter, pairs, replace(cfg, flip_x=flip_x, flip_y=flip_y), reporter)
-        finally:
-            reporter.close()
         teacher = evaluate_teacher(backbone, adapter, effect, effect.teacher_prompt, scenes)
         base = evaluate_teacher(backbone, None, effect, effect.teacher_prompt, scenes)
         src_psnr, _ = score(backbone.prepare_images(sources), ground_truths(effect, scenes))

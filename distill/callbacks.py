@@ -61,3 +61,9 @@ class TqdmReporter(NullReporter):
 
     def close(self) -> None:
         self._bar.close()
+
+    def __enter__(self) -> TqdmReporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

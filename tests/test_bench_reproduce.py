@@ -118,3 +118,48 @@ def test_recorded_command_reads_back_as_the_same_arguments(monkeypatch):
     args = ["--effects", "10", "--set", '{"ta_fm_batch": 4, "coarse_ratio": 96}', "--tag", "a b"]
     cmd = reproduce.command_line(args)
     assert shlex.split(cmd) == ["python", "bench/reproduce.py", *args]
+
+
+def _student_fit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "student_fit.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def test_student_fit_scores_a_finished_run_on_training_and_test_sources(quick_run, tmp_path):
+    rows_file = tmp_path / "fit.json"
+    work = str(quick_run / "work" / "quick")
+    p = _student_fit(
+        "--work",
+        work,
+        "--effects",
+        "2",
+        "--train-sources",
+        "1",
+        "--test-per-category",
+        "1",
+        "--json",
+        str(rows_file),
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(rows_file.read_text())
+    assert len(rows) == 2
+    for r in rows:
+        line = next(ln for ln in p.stdout.splitlines() if ln.startswith(f"| {r['effect']} |"))
+        cells = [c.strip() for c in line.split("|")[2:-1]]
+        numbers = [float(c) for c in cells]
+        assert all(0 < r[k] < 100 for k in ("base_train", "ours_train", "base_test", "ours_test"))
+        assert numbers[2] == pytest.approx(r["ours_train"] - r["base_train"], abs=0.011)
+        assert numbers[5] == pytest.approx(r["ours_test"] - r["base_test"], abs=0.011)
+    # training and test sources are different images, so at least one system scores them differently
+    assert any(r["base_train"] != r["base_test"] for r in rows)
+
+
+def test_student_fit_names_a_folder_without_a_finished_run(tmp_path):
+    p = _student_fit("--work", str(tmp_path))
+    assert p.returncode != 0
+    assert "holds no finished run" in p.stderr

@@ -44,10 +44,10 @@ sys.path.append(str(ROOT / "bench"))  # after the repo root: bench/distill.py mu
 import reproduce as R  # noqa: E402
 
 
-def mean_psnr(bb: TinyEditor, system: System, entry: EffectEntry, scenes: list[Scene]) -> float:
-    """The system's mean PSNR to ground truth for ``entry`` over ``scenes``."""
-    truth = ground_truths([entry], scenes, bb.image_size)[entry.name]
-    sources = resize(to_tensor([s.image for s in scenes]), bb.image_size)
+def mean_psnr(
+    bb: TinyEditor, system: System, entry: EffectEntry, sources: torch.Tensor, truth: np.ndarray
+) -> float:
+    """The system's mean PSNR to ``truth`` for ``entry``'s edits of ``sources``."""
     out, _ = run_system(bb, system, entry, sources)
     return float(np.mean([psnr(o, t) for o, t in zip(out, truth)]))
 
@@ -61,8 +61,11 @@ def fit_rows(
         train = [train_scene(e.name, k, BenchSpec()) for k in range(n_train)]
         row = {"effect": e.name}
         for split, scenes in (("train", train), ("test", test)):
-            row[f"base_{split}"] = mean_psnr(bb, base, e, scenes)
-            row[f"ours_{split}"] = mean_psnr(bb, ours, e, scenes)
+            # both systems edit the same sources against the same truths: make them once per split
+            truth = ground_truths([e], scenes, bb.image_size)[e.name]
+            sources = resize(to_tensor([s.image for s in scenes]), bb.image_size)
+            row[f"base_{split}"] = mean_psnr(bb, base, e, sources, truth)
+            row[f"ours_{split}"] = mean_psnr(bb, ours, e, sources, truth)
         rows.append(row)
         print(
             f"[{i + 1}/{len(entries)}] {e.name}: train {row['ours_train'] - row['base_train']:+.2f} dB, "
